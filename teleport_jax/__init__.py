@@ -1,0 +1,87 @@
+"""teleport_jax: symmetry teleportation for JAX and optax.
+
+Exact symmetry actions on parameter pytrees, a jit-compiled teleport solver
+and an optax transformation that teleports on a schedule.
+"""
+
+from teleport_jax._src.activations import Activation
+from teleport_jax._src.activations import as_activation
+from teleport_jax._src.activations import asinh
+from teleport_jax._src.activations import identity
+from teleport_jax._src.activations import leaky_relu
+from teleport_jax._src.activations import relu
+from teleport_jax._src.activations import tanh
+from teleport_jax._src.data_gl import DataDependentGL
+from teleport_jax._src.data_gl import default_get_inputs
+from teleport_jax._src.functions import booth
+from teleport_jax._src.functions import booth_symmetry
+from teleport_jax._src.functions import rosenbrock
+from teleport_jax._src.functions import rosenbrock_symmetry
+from teleport_jax._src.layouts import MLPLayout
+from teleport_jax._src.layouts import infer_layout
+from teleport_jax._src.linear_gl import LinearGL
+from teleport_jax._src.objectives import Objective
+from teleport_jax._src.objectives import as_objective
+from teleport_jax._src.objectives import grad_norm_sq
+from teleport_jax._src.objectives import lookahead_loss
+from teleport_jax._src.rescaling import PositiveRescaling
+from teleport_jax._src.rotation import QuadraticRotation
+from teleport_jax._src.rotation import Rotation
+from teleport_jax._src.schedules import AtSteps
+from teleport_jax._src.schedules import Periodic
+from teleport_jax._src.schedules import as_schedule
+from teleport_jax._src.schedules import at_steps
+from teleport_jax._src.schedules import every
+from teleport_jax._src.schedules import first
+from teleport_jax._src.solver import TeleportInfo
+from teleport_jax._src.solver import TeleportStatus
+from teleport_jax._src.solver import default_rtol
+from teleport_jax._src.solver import group_action
+from teleport_jax._src.solver import status_message
+from teleport_jax._src.solver import teleport
+from teleport_jax._src.symmetry import Symmetry
+from teleport_jax._src.transform import TeleportState
+from teleport_jax._src.transform import with_teleport
+
+__version__ = "0.1.0"
+
+__all__ = (
+  "Activation",
+  "AtSteps",
+  "DataDependentGL",
+  "LinearGL",
+  "MLPLayout",
+  "Objective",
+  "Periodic",
+  "PositiveRescaling",
+  "QuadraticRotation",
+  "Rotation",
+  "Symmetry",
+  "TeleportInfo",
+  "TeleportState",
+  "TeleportStatus",
+  "as_activation",
+  "as_objective",
+  "as_schedule",
+  "asinh",
+  "at_steps",
+  "booth",
+  "booth_symmetry",
+  "default_get_inputs",
+  "default_rtol",
+  "every",
+  "first",
+  "grad_norm_sq",
+  "group_action",
+  "identity",
+  "infer_layout",
+  "leaky_relu",
+  "lookahead_loss",
+  "relu",
+  "rosenbrock",
+  "rosenbrock_symmetry",
+  "status_message",
+  "tanh",
+  "teleport",
+  "with_teleport",
+)

@@ -1,0 +1,119 @@
+"""Elementwise activations with the properties the symmetry groups rely on.
+
+The data-dependent GL action needs an activation that is a bijection of the
+real line (so that ``inverse(fn(z)) == z`` for every pre-activation and every
+transformed post-activation has a pre-image). Positive rescaling needs a
+positively homogeneous activation (``fn(s * z) == s * fn(z)`` for ``s > 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import chex
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  """An elementwise activation and what is known about it.
+
+  Attributes:
+    name: a short name, used in error messages.
+    fn: the activation, ``(...,) -> (...,)``.
+    inverse: its inverse on the whole real line, or ``None`` if it has none.
+    positively_homogeneous: whether ``fn(s * z) == s * fn(z)`` for all ``s > 0``.
+  """
+
+  name: str
+  fn: Callable[[chex.Array], chex.Array]
+  inverse: Callable[[chex.Array], chex.Array] | None = None
+  positively_homogeneous: bool = False
+
+  @property
+  def invertible(self) -> bool:
+    return self.inverse is not None
+
+  def __call__(self, x: chex.Array) -> chex.Array:
+    return self.fn(x)
+
+
+def leaky_relu(negative_slope: float = 0.01) -> Activation:
+  """LeakyReLU ``max(z, a z)`` with slope ``a > 0``: invertible and homogeneous.
+
+  Args:
+    negative_slope: the slope ``a`` for negative inputs; must be in ``(0, 1]``.
+  """
+  a = float(negative_slope)
+  if not 0.0 < a <= 1.0:
+    raise ValueError(f"negative_slope must be in (0, 1] for an invertible LeakyReLU, got {a}.")
+  return Activation(
+    name=f"leaky_relu({a})",
+    fn=lambda z: jnp.where(z >= 0, z, a * z),
+    inverse=lambda y: jnp.where(y >= 0, y, y / a),
+    positively_homogeneous=True,
+  )
+
+
+def relu() -> Activation:
+  """ReLU: positively homogeneous, not invertible."""
+  return Activation(
+    name="relu",
+    fn=lambda z: jnp.maximum(z, 0),
+    inverse=None,
+    positively_homogeneous=True,
+  )
+
+
+def identity() -> Activation:
+  """The identity (a linear network): invertible and homogeneous."""
+  return Activation(
+    name="identity",
+    fn=lambda z: z,
+    inverse=lambda y: y,
+    positively_homogeneous=True,
+  )
+
+
+def asinh() -> Activation:
+  """``arcsinh``: a smooth bijection of the real line, not homogeneous."""
+  return Activation(name="asinh", fn=jnp.arcsinh, inverse=jnp.sinh, positively_homogeneous=False)
+
+
+def tanh() -> Activation:
+  """``tanh``: injective but onto ``(-1, 1)`` only, so not usable for GL."""
+  return Activation(name="tanh", fn=jnp.tanh, inverse=None)
+
+
+_NAMED = {
+  "leaky_relu": leaky_relu,
+  "relu": relu,
+  "identity": identity,
+  "linear": identity,
+  "asinh": asinh,
+  "tanh": tanh,
+}
+
+
+def as_activation(activation: Activation | str, *, argname: str = "activation") -> Activation:
+  """Resolves a name such as ``"leaky_relu"`` or ``"relu"`` to an :class:`Activation`.
+
+  Raises:
+    TypeError: if ``activation`` is neither a string nor an ``Activation``.
+    ValueError: if the name is unknown.
+  """
+  if isinstance(activation, Activation):
+    return activation
+  if isinstance(activation, str):
+    if activation not in _NAMED:
+      raise ValueError(
+        f"Unknown {argname} {activation!r}; expected one of {sorted(_NAMED)} "
+        "or a teleport_jax.Activation."
+      )
+    return _NAMED[activation]()
+  raise TypeError(
+    f"{argname} must be a string or a teleport_jax.Activation, got "
+    f"{type(activation).__name__}. Wrap a plain function as "
+    "teleport_jax.Activation(name, fn, inverse)."
+  )

@@ -1,0 +1,262 @@
+"""The data-dependent GL(n) action for MLPs with invertible activations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+from typing import Literal
+
+import chex
+import jax.numpy as jnp
+from flax import struct
+
+from teleport_jax._src import activations as act_lib
+from teleport_jax._src import layouts
+from teleport_jax._src import rescaling
+from teleport_jax._src import symmetry
+
+_INPUT_KEYS = ("inputs", "input", "x", "X", "image", "images", "features")
+
+
+def default_get_inputs(data: Any) -> chex.Array:
+  """Finds the network inputs in a batch.
+
+  ``(inputs, targets)`` tuples/lists give their first element; mappings their
+  ``inputs``/``x``/``image(s)``/``features`` entry; an array is the inputs.
+  """
+  if isinstance(data, (tuple, list)) and data:
+    return data[0]
+  if isinstance(data, Mapping):
+    for k in _INPUT_KEYS:
+      if k in data:
+        return data[k]
+    raise ValueError(
+      f"data is a mapping with keys {sorted(map(str, data))}; none of them is a "
+      f"known inputs key {list(_INPUT_KEYS)}. Pass get_inputs= to DataDependentGL."
+    )
+  if hasattr(data, "shape"):
+    return data
+  raise TypeError(
+    f"data of type {type(data).__name__} has no recognisable inputs; pass "
+    "get_inputs= to DataDependentGL."
+  )
+
+
+@struct.dataclass
+class DataDependentGL(symmetry.Symmetry):
+  r"""The data-dependent ``GL(d_m)`` action of Zhao et al. (2022, Prop. 4.3).
+
+  Consider an MLP ``h_m = sigma(h_{m-1} K_m + b_m)`` (canonical form: rows are
+  samples) with an activation ``sigma`` that is a bijection of the real line
+  (LeakyReLU, identity, asinh). For a batch with layer inputs ``H_m``
+  (``(n, d_{m-1})``), pre-activations ``Z_m`` and one invertible ``A_m`` per
+  hidden layer, the action maps the hidden features of the batch to
+  ``h_m A_m`` and leaves the output unchanged:
+
+  .. math::
+
+     \Delta_m = \sigma^{-1}(\sigma(Z_m) A_m) - Z_m,\qquad
+     [\tilde K_m; \tilde b_m] = [K_m; b_m] + [H_m, 1]^{+} \Delta_m,\qquad
+     K'_m = A_{m-1}^{-1} \tilde K_m,\ b'_m = \tilde b_m
+
+  (``A_{-1} = I``, ``Delta = 0`` for the output layer). ``A^{-1}`` is applied by
+  an LU solve, never approximated. Among all weights that realise the new
+  features, this is the one closest to the old weights, so the identity
+  element maps ``params`` to itself and the weights' components outside the
+  span of the batch are kept (the published code instead replaces the kernel
+  by ``target @ pinv``, which discards them).
+
+  **When is it exact?** ``[H_m, 1] [H_m, 1]^+ = I_n`` is needed for every layer
+  that feeds a hidden layer, i.e. the layer inputs of the batch must have full
+  row rank ``n`` (samples linearly independent): ``n <= d_{m-1}`` (``+1`` with a
+  bias) for the input and each hidden width except the last. When it fails, the
+  batch loss changes; :meth:`rank_condition` reports it and
+  :func:`teleport_jax.teleport` measures the drift and rejects the teleport if
+  it exceeds the tolerance. The action is only loss-invariant on the batch it
+  was built from; for other data use :class:`PositiveRescaling`.
+
+  Group element: a tuple with one ``(d_m, d_m)`` matrix per hidden layer,
+  acting on the right of the ``(n, d_m)`` features. Lie algebra: matrices of
+  the same shapes; ``exp`` is the matrix exponential, batched over layers of
+  equal width (a layer of a different width gets its own call).
+
+  Attributes:
+    activation: the hidden activation; must be invertible on the real line.
+    layout: where the layers are in ``params`` (inferred if ``None``).
+    get_inputs: maps the batch passed as ``data`` to the network inputs
+      (default: :func:`default_get_inputs`).
+    batch_axis: axis of the inputs that indexes samples; default 0 for
+      ``in_out`` kernels (``x @ K``) and 1 for ``out_in`` kernels (``W @ X``
+      with samples as columns, as in the published experiments).
+    variant: ``"exact"`` (default) or ``"published"``: the first-order action
+      of the published NeurIPS 2022 code, ``A = I + T`` with ``I - T`` standing
+      in for ``A^{-1}`` and the kernel replaced by ``target @ pinv``. It is *not*
+      loss-invariant and exists only to compare with published figures
+      (use ``rtol=jnp.inf`` in :func:`teleport` to let it through).
+    rcond: relative cut-off for small singular values in the pseudo-inverses.
+  """
+
+  activation: Any = struct.field(pytree_node=False, default="leaky_relu")
+  layout: layouts.MLPLayout | None = struct.field(pytree_node=False, default=None)
+  get_inputs: Callable[[Any], chex.Array] | None = struct.field(pytree_node=False, default=None)
+  batch_axis: int | None = struct.field(pytree_node=False, default=None)
+  variant: Literal["exact", "published"] = struct.field(pytree_node=False, default="exact")
+  rcond: float | None = struct.field(pytree_node=False, default=None)
+
+  needs_data = True
+
+  def __post_init__(self):
+    a = act_lib.as_activation(self.activation)
+    if not a.invertible:
+      raise ValueError(
+        f"activation {a.name!r} is not invertible on the real line; the "
+        "data-dependent GL action needs an invertible activation such as "
+        "'leaky_relu'. Use PositiveRescaling for ReLU networks."
+      )
+    if self.variant not in ("exact", "published"):
+      raise ValueError(f"variant must be 'exact' or 'published', got {self.variant!r}.")
+    if self.batch_axis not in (None, 0, 1, -1, -2):
+      raise ValueError(f"batch_axis must be 0 or 1, got {self.batch_axis!r}.")
+
+  # ------------------------------------------------------------ helpers
+  @property
+  def _activation(self) -> act_lib.Activation:
+    return act_lib.as_activation(self.activation)
+
+  def _layout(self, params):
+    return layouts.as_layout(self.layout, params)
+
+  def inputs(self, params: chex.ArrayTree, data: Any) -> chex.Array:
+    """The batch inputs in canonical ``(n, d_0)`` form."""
+    if data is None:
+      raise ValueError("data is required: the data-dependent GL action depends on the batch.")
+    x = (self.get_inputs or default_get_inputs)(data)
+    x = jnp.asarray(x)
+    layout = self._layout(params)
+    axis = self.batch_axis
+    if axis is None:
+      axis = 1 if layout.kernel_format == "out_in" else 0
+    if x.ndim != 2:
+      raise ValueError(
+        f"data: the network inputs must be a 2-D array (samples x features), got "
+        f"shape {tuple(x.shape)}."
+      )
+    if axis in (1, -1):
+      x = x.T
+    return x
+
+  def validate(self, params, data=None):
+    kernels, _ = self._layout(params).get(params)
+    x = self.inputs(params, data)
+    if x.shape[1] != kernels[0].shape[0]:
+      raise ValueError(
+        f"data: inputs have {x.shape[1]} features but the first layer expects "
+        f"{kernels[0].shape[0]} (inputs shape after batch_axis handling: "
+        f"{tuple(x.shape)})."
+      )
+
+  def rank_condition(self, params: chex.ArrayTree, data: Any) -> dict[str, Any]:
+    """Checks the exactness condition on a batch.
+
+    Returns:
+      A dict with ``batch_size``, ``max_exact_batch`` (the largest batch for which
+      the condition can hold given the widths), ``shape_ok`` (static) and
+      ``min_singular_ratio`` (smallest/largest singular value of the layer
+      inputs over the layers that matter; near zero means rank deficient).
+    """
+    layout = self._layout(params)
+    kernels, biases = layout.get(params)
+    x = self.inputs(params, data)
+    layer_inputs, _ = layouts.mlp_forward(kernels, biases, self._activation, x)
+    ratios, caps = [], []
+    for m in range(len(kernels) - 1):
+      h = _augment(layer_inputs[m], biases[m])
+      caps.append(h.shape[1])
+      sv = jnp.linalg.svd(h, compute_uv=False)
+      ratios.append(sv[min(h.shape) - 1] / sv[0])
+    n = x.shape[0]
+    return {
+      "batch_size": n,
+      "max_exact_batch": min(caps),
+      "shape_ok": n <= min(caps),
+      "min_singular_ratio": jnp.min(jnp.stack(ratios)),
+    }
+
+  # ------------------------------------------------------------ group
+  def algebra_zeros(self, params):
+    kernels, _ = self._layout(params).get(params)
+    return tuple(jnp.zeros((k.shape[1], k.shape[1]), k.dtype) for k in kernels[:-1])
+
+  def exp(self, xi):
+    if self.variant == "published":
+      return self.retract(xi)
+    return symmetry.batched_over_equal_shapes(symmetry.expm, xi)
+
+  def retract(self, xi):
+    return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+
+  def inverse(self, g):
+    if self.variant == "published":
+      return tuple(2 * jnp.eye(a.shape[0], dtype=a.dtype) - a for a in g)
+    return symmetry.batched_over_equal_shapes(jnp.linalg.inv, g)
+
+  def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
+    layout = self._layout(params)
+    kernels, biases = layout.get(params)
+    rescaling._check_group_shapes(g, kernels, vector=False)
+    sigma = self._activation
+    x = self.inputs(params, data).astype(kernels[0].dtype)
+    layer_inputs, pre = layouts.mlp_forward(kernels, biases, sigma, x)
+    if self.variant == "published":
+      return layout.set(params, *self._act_published(kernels, biases, g, x))
+    new_k, new_b = [], []
+    for m, (k, b) in enumerate(zip(kernels, biases)):
+      if m < len(kernels) - 1:
+        a = g[m].astype(k.dtype)
+        target = sigma.inverse(sigma(pre[m]) @ a)
+        pinv = jnp.linalg.pinv(_augment(layer_inputs[m], b), rtol=self.rcond)
+        k, b = _split_kb(_stack_kb(k, b) + pinv @ (target - pre[m]), b)
+      if m > 0:
+        k = jnp.linalg.solve(g[m - 1].astype(k.dtype), k)
+      new_k.append(k)
+      new_b.append(b)
+    return layout.set(params, new_k, new_b)
+
+  def _act_published(self, kernels, biases, g, x):
+    """The published first-order action, layer pair by layer pair.
+
+    For each hidden layer in turn: the outgoing kernel is multiplied by
+    ``I - T`` (standing in for ``(I + T)^{-1}``), and the incoming kernel is
+    replaced by ``pinv(h) sigma^{-1}(sigma(h K) (I + T))`` with ``h`` the layer
+    input *after* the previous pair was transformed.
+    """
+    sigma = self._activation
+    kernels, biases = list(kernels), list(biases)
+    h = x
+    for m in range(len(kernels) - 1):
+      a = g[m].astype(kernels[m].dtype)
+      eye = jnp.eye(a.shape[0], dtype=a.dtype)
+      kernels[m + 1] = (2 * eye - a) @ kernels[m + 1]
+      z = h @ kernels[m] + (0 if biases[m] is None else biases[m])
+      target = sigma.inverse(sigma(z) @ a)
+      pinv = jnp.linalg.pinv(_augment(h, biases[m]), rtol=self.rcond)
+      kernels[m], biases[m] = _split_kb(pinv @ target, biases[m])
+      h = sigma(h @ kernels[m] + (0 if biases[m] is None else biases[m]))
+    return kernels, biases
+
+
+def _augment(h: chex.Array, b) -> chex.Array:
+  if b is None:
+    return h
+  return jnp.concatenate([h, jnp.ones((h.shape[0], 1), h.dtype)], axis=1)
+
+
+def _stack_kb(k, b):
+  return k if b is None else jnp.concatenate([k, b[None, :]], axis=0)
+
+
+def _split_kb(kb, b):
+  if b is None:
+    return kb, None
+  return kb[:-1], kb[-1]

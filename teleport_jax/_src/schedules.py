@@ -1,0 +1,112 @@
+"""When to teleport: schedules evaluated inside jit on the step count.
+
+A schedule is a small pytree of integer arrays with a ``__call__(count)`` that
+returns a boolean scalar. It is stored in the optimizer state, so changing its
+values (``every(5)`` -> ``every(10)``) does not recompile a jitted train step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+_INT_MAX = np.iinfo(np.int32).max
+
+
+@struct.dataclass
+class Periodic:
+  """Teleport at ``start, start + period, ...`` while ``count < stop``."""
+
+  period: chex.Array
+  start: chex.Array
+  stop: chex.Array
+
+  def __call__(self, count: chex.Array) -> chex.Array:
+    count = jnp.asarray(count, jnp.int32)
+    return (count >= self.start) & (count < self.stop) & ((count - self.start) % self.period == 0)
+
+
+@struct.dataclass
+class AtSteps:
+  """Teleport at the listed step counts (``-1`` entries are padding)."""
+
+  steps: chex.Array
+
+  def __call__(self, count: chex.Array) -> chex.Array:
+    return jnp.any(jnp.asarray(count, jnp.int32) == self.steps)
+
+
+Schedule = Periodic | AtSteps
+
+
+def _check_int(name, v, minimum):
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}.")
+
+
+def every(k: int, start: int = 0, stop: int | None = None) -> Periodic:
+  """Teleport every ``k`` optimizer steps from step ``start`` (0-based) to ``stop``."""
+  _check_int("k", k, 1)
+  _check_int("start", start, 0)
+  if stop is not None:
+    _check_int("stop", stop, 0)
+  return Periodic(
+    period=jnp.asarray(k, jnp.int32),
+    start=jnp.asarray(start, jnp.int32),
+    stop=jnp.asarray(_INT_MAX if stop is None else stop, jnp.int32),
+  )
+
+
+def first(n: int) -> Periodic:
+  """Teleport at each of the first ``n`` optimizer steps (counts ``0..n-1``)."""
+  _check_int("n", n, 0)
+  return every(1, 0, n)
+
+
+def at_steps(steps: Sequence[int], pad_to: int | None = None) -> AtSteps:
+  """Teleport at the given 0-based step counts.
+
+  Args:
+    steps: step counts; each a non-negative int.
+    pad_to: pad the list to this length with ``-1`` so that schedules with
+      different numbers of steps share one compiled train step.
+  """
+  steps = list(steps)
+  for s in steps:
+    _check_int("schedule step", s, 0)
+  if pad_to is not None:
+    if pad_to < len(steps):
+      raise ValueError(f"pad_to={pad_to} is shorter than the {len(steps)} steps.")
+    steps = steps + [-1] * (pad_to - len(steps))
+  if not steps:
+    steps = [-1]
+  return AtSteps(steps=jnp.asarray(steps, jnp.int32))
+
+
+def as_schedule(schedule) -> Schedule:
+  """Resolves an int (every k), a sequence of ints (at steps) or a schedule.
+
+  Raises:
+    ValueError: if ``schedule`` is not understood.
+  """
+  if isinstance(schedule, (Periodic, AtSteps)):
+    return schedule
+  if isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool):
+    if schedule < 1:
+      raise ValueError(f"schedule: an int means 'every k steps' and must be >= 1, got {schedule}.")
+    return every(int(schedule))
+  if isinstance(schedule, (list, tuple)) and all(
+    isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in schedule
+  ):
+    if any(s < 0 for s in schedule):
+      raise ValueError(f"schedule: step counts must be >= 0, got {list(schedule)}.")
+    return at_steps(schedule)
+  raise ValueError(
+    f"schedule not understood: {schedule!r}. Use an int k (every k steps), a list "
+    "of step counts, teleport_jax.every(k), teleport_jax.at_steps([...]) or "
+    "teleport_jax.first(n)."
+  )

@@ -1,0 +1,122 @@
+"""The interface every symmetry group implements, and shared helpers.
+
+A symmetry group ``G`` of a loss acts on parameters so that
+``L(g . w, X) == L(w, X)``. Teleportation searches the orbit ``{g . w}`` for a
+point with a better gradient. Every group here exposes:
+
+* ``identity(params)``: the identity element, shaped for ``params``;
+* ``algebra_zeros(params)``: the zero of the Lie algebra (the search space);
+* ``exp(xi)``: algebra element -> group element, with an exact ``inverse``;
+* ``act(params, g, data)``: the action, returning a new parameter pytree;
+* ``needs_data``: whether ``act`` depends on the batch (data-dependent groups
+  are only loss-invariant on the batch they were built from).
+
+Group elements and algebra elements are pytrees (tuples of per-layer arrays for
+MLP groups), so they can be ``vmap``-ed, differentiated and carried through
+``lax`` loops.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GroupElement = Any
+AlgebraElement = Any
+
+
+class Symmetry(abc.ABC):
+  """Abstract base class of a symmetry group acting on parameters."""
+
+  needs_data: bool = False
+
+  @abc.abstractmethod
+  def algebra_zeros(self, params: chex.ArrayTree) -> AlgebraElement:
+    """The zero of the Lie algebra (maps to the identity under ``exp``)."""
+
+  @abc.abstractmethod
+  def exp(self, xi: AlgebraElement) -> GroupElement:
+    """Maps a Lie-algebra element to a group element."""
+
+  @abc.abstractmethod
+  def inverse(self, g: GroupElement) -> GroupElement:
+    """The exact inverse of a group element."""
+
+  @abc.abstractmethod
+  def act(self, params: chex.ArrayTree, g: GroupElement, data: Any = None) -> chex.ArrayTree:
+    """Applies ``g`` to ``params`` (using ``data`` if ``needs_data``)."""
+
+  def identity(self, params: chex.ArrayTree) -> GroupElement:
+    """The identity element for ``params``."""
+    return self.exp(self.algebra_zeros(params))
+
+  def retract(self, xi: AlgebraElement) -> GroupElement:
+    """A map that agrees with ``exp`` to first order at zero.
+
+    The teleport solver differentiates ``act(params, retract(xi))`` at
+    ``xi = 0``; groups whose ``exp`` is costly to differentiate (the matrix
+    exponential) return a cheaper first-order map here. Steps themselves always
+    use ``exp``.
+    """
+    return self.exp(xi)
+
+  def validate(self, params: chex.ArrayTree, data: Any = None) -> None:
+    """Raises ``ValueError``/``TypeError`` if ``params``/``data`` do not fit."""
+    del params, data
+
+
+def batched_over_equal_shapes(
+  fn: Callable[[chex.Array], chex.Array], arrays: Sequence[chex.Array]
+) -> tuple[chex.Array, ...]:
+  """Applies ``fn`` to each array, ``vmap``-ing over arrays of equal shape.
+
+  Layers of equal width are stacked and handled in one batched call (one
+  kernel launch on an accelerator); layers of a different width form their own
+  batch. Results are returned in the original order.
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, a in enumerate(arrays):
+    groups.setdefault((tuple(a.shape), jnp.asarray(a).dtype), []).append(i)
+  out: list[chex.Array | None] = [None] * len(arrays)
+  for idx in groups.values():
+    if len(idx) == 1:
+      out[idx[0]] = fn(arrays[idx[0]])
+    else:
+      stacked = jax.vmap(fn)(jnp.stack([arrays[i] for i in idx]))
+      for j, i in enumerate(idx):
+        out[i] = stacked[j]
+  return tuple(out)
+
+
+def expm(x: chex.Array) -> chex.Array:
+  """Matrix exponential of a square matrix."""
+  return jax.scipy.linalg.expm(x)
+
+
+def is_concrete(*trees: Any) -> bool:
+  """Whether all leaves hold concrete values (not traced under jit/vmap/grad)."""
+  return not any(
+    isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree_util.tree_leaves(tree)
+  )
+
+
+def check_finite(tree: Any, argname: str) -> None:
+  """Raises ``ValueError`` naming ``argname`` if a concrete leaf is non-finite.
+
+  Traced values are skipped: under ``jit`` the teleport reports non-finite
+  input in its info record instead.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, jax.core.Tracer):
+      continue
+    arr = np.asarray(leaf)
+    if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+      where = jax.tree_util.keystr(tuple(path)) or "(root)"
+      raise ValueError(f"{argname} contains non-finite values at {where}.")

@@ -1,0 +1,5 @@
+import sys
+
+from teleport_jax.experiments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""Shared fixtures: x64 on (float32 tests create float32 arrays explicitly)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+DTYPES = (jnp.float32, jnp.float64)
+
+
+def tol(dtype) -> float:
+  """Relative tolerance for 'unchanged up to rounding' in ``dtype``."""
+  return 2e-4 if jnp.dtype(dtype) == jnp.float32 else 1e-9
+
+
+def random_mlp(key, widths, dtype, *, fmt="out_in", bias=False, scale=1.0):
+  """A random MLP in one of the supported parameter layouts.
+
+  Args:
+    widths: ``(d_0, ..., d_L)``.
+    fmt: ``"out_in"`` (list of ``W`` with shape (out, in)), ``"pairs"`` (list of
+      ``(W, b)``), or ``"linen"`` (flax-style dict with ``kernel`` (in, out)).
+  """
+  keys = jax.random.split(key, 2 * len(widths))
+  ws, bs = [], []
+  for i in range(len(widths) - 1):
+    k = (
+      scale
+      * jax.random.normal(keys[2 * i], (widths[i + 1], widths[i]), dtype)
+      / math.sqrt(widths[i])
+    )
+    ws.append(k)
+    bs.append(0.1 * jax.random.normal(keys[2 * i + 1], (widths[i + 1],), dtype))
+  if fmt == "out_in":
+    assert not bias
+    return ws
+  if fmt == "pairs":
+    return [(w, b) for w, b in zip(ws, bs)]
+  if fmt == "linen":
+    layers = {}
+    for i, (w, b) in enumerate(zip(ws, bs)):
+      layers[f"Dense_{i}"] = {"kernel": w.T, **({"bias": b} if bias else {})}
+    return {"params": layers}
+  raise ValueError(fmt)
+
+
+def mlp_apply(params, x, act, fmt):
+  """Forward pass matching :func:`random_mlp`; ``x`` is (features, n) for out_in
+  and pairs, (n, features) for linen."""
+  if fmt == "out_in":
+    h = x
+    for i, w in enumerate(params):
+      h = w @ h
+      if i < len(params) - 1:
+        h = act(h)
+    return h
+  if fmt == "pairs":
+    h = x
+    for i, (w, b) in enumerate(params):
+      h = w @ h + b[:, None]
+      if i < len(params) - 1:
+        h = act(h)
+    return h
+  layers = params["params"]
+  names = sorted(layers, key=lambda s: int(s.split("_")[1]))
+  h = x
+  for i, name in enumerate(names):
+    h = h @ layers[name]["kernel"]
+    if "bias" in layers[name]:
+      h = h + layers[name]["bias"]
+    if i < len(names) - 1:
+      h = act(h)
+  return h
+
+
+def mse_loss(act, fmt):
+  def loss(params, data):
+    x, y = data
+    return 0.5 * jnp.mean((y - mlp_apply(params, x, act, fmt)) ** 2)
+
+  return loss
+
+
+def rel_change(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+
+
+@pytest.fixture(params=DTYPES, ids=["float32", "float64"])
+def dtype(request):
+  return request.param

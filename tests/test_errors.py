@@ -1,0 +1,122 @@
+"""Bad input raises a clear error naming the argument, before any computation."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from test_solver import loss
+from test_solver import published_problem
+
+import teleport_jax as tj
+
+SYM = tj.DataDependentGL(activation=tj.leaky_relu(0.1))
+
+
+def test_wrong_pytree_layout():
+  _, data = published_problem(0)
+  with pytest.raises(ValueError, match="params"):
+    tj.teleport(loss, {"a": jnp.ones(3)}, data, symmetry=SYM)
+  with pytest.raises(ValueError, match="params"):
+    tj.infer_layout([jnp.ones((3, 3))])  # one layer: no hidden layer
+
+
+def test_mismatched_shapes():
+  params, data = published_problem(0)
+  bad = [params[0], jnp.ones((7, 5)), params[2]]  # layer 1 expects 6 inputs
+  with pytest.raises(ValueError, match="params: layer 0 has 6 outputs"):
+    tj.teleport(loss, bad, data, symmetry=SYM)
+  with pytest.raises(ValueError, match="data: inputs have 3 features"):
+    tj.teleport(loss, params, (jnp.ones((3, 4)), data[1]), symmetry=SYM)
+  g = SYM.identity(params)
+  with pytest.raises(ValueError, match=r"g\[0\] has shape"):
+    tj.group_action(params, (g[1], g[0]), symmetry=SYM, data=data)
+  with pytest.raises(ValueError, match="bias of layer 0"):
+    tj.infer_layout([(jnp.ones((4, 3)), jnp.ones(5)), (jnp.ones((2, 4)), jnp.ones(2))])
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_non_invertible_activation_with_data_dependent_action(act):
+  with pytest.raises(ValueError, match="activation .* is not invertible"):
+    tj.DataDependentGL(activation=act)
+
+
+def test_non_homogeneous_activation_with_rescaling():
+  with pytest.raises(ValueError, match="activation .* is not positively homogeneous"):
+    tj.PositiveRescaling(activation="asinh")
+
+
+def test_unknown_activation_and_objective_names():
+  with pytest.raises(ValueError, match="Unknown activation 'swish'"):
+    tj.DataDependentGL(activation="swish")
+  with pytest.raises(TypeError, match="activation must be"):
+    tj.DataDependentGL(activation=3)
+  params, data = published_problem(0)
+  with pytest.raises(ValueError, match="Unknown objective 'fastest'"):
+    tj.teleport(loss, params, data, symmetry=SYM, objective="fastest")
+  with pytest.raises(ValueError, match="negative_slope"):
+    tj.leaky_relu(0.0)
+
+
+def test_non_finite_params_or_data():
+  params, data = published_problem(0)
+  bad = [params[0].at[1, 2].set(jnp.inf)] + params[1:]
+  with pytest.raises(ValueError, match=r"params contains non-finite values at \[0\]"):
+    tj.teleport(loss, bad, data, symmetry=SYM)
+  with pytest.raises(ValueError, match="data contains non-finite values"):
+    tj.teleport(loss, params, (data[0].at[0, 0].set(jnp.nan), data[1]), symmetry=SYM)
+
+
+def test_missing_data_for_data_dependent_action():
+  params, _ = published_problem(0)
+  with pytest.raises(ValueError, match="data is required"):
+    tj.teleport(lambda p: 0.0, params, symmetry=SYM)
+  with pytest.raises(ValueError, match="data is a mapping with keys"):
+    tj.teleport(lambda p, d: 0.0, params, {"foo": jnp.ones((5, 4))}, symmetry=SYM)
+
+
+def test_bad_solver_arguments():
+  params, data = published_problem(0)
+  with pytest.raises(ValueError, match="num_steps"):
+    tj.teleport(loss, params, data, symmetry=SYM, num_steps=-1)
+  with pytest.raises(ValueError, match="step_size"):
+    tj.teleport(loss, params, data, symmetry=SYM, step_size=0.0)
+  with pytest.raises(TypeError, match="symmetry must be"):
+    tj.teleport(loss, params, data, symmetry="gl")
+  with pytest.raises(TypeError, match="loss_fn must be callable"):
+    tj.teleport(None, params, data, symmetry=SYM)
+
+
+@pytest.mark.parametrize("schedule", [0, -3, "often", [1, -2], 2.5, None, [True]])
+def test_schedule_not_understood(schedule):
+  with pytest.raises(ValueError, match="schedule"):
+    tj.with_teleport(optax.sgd(0.1), SYM, schedule=schedule)
+
+
+def test_bad_transform_arguments():
+  with pytest.raises(ValueError, match="state_policy"):
+    tj.with_teleport(optax.sgd(0.1), SYM, schedule=1, state_policy="transport-ish")
+  with pytest.raises(TypeError, match="optimizer must be"):
+    tj.with_teleport("sgd", SYM, schedule=1)
+  params, data = published_problem(0)
+  opt = tj.with_teleport(optax.sgd(0.1), SYM, schedule=1)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="value_fn must be passed"):
+    opt.update(params, state, params)
+  with pytest.raises(ValueError, match="needs the batch"):
+    opt.update(params, state, params, value_fn=lambda p: 0.0)
+  with pytest.raises(ValueError, match="params must be passed"):
+    opt.update(params, state, value_fn=lambda p: 0.0)
+
+
+def test_layout_and_variant_arguments():
+  with pytest.raises(ValueError, match="kernel_format"):
+    tj.MLPLayout(((0,), (1,)), (None, None), "rows")
+  with pytest.raises(ValueError, match="variant"):
+    tj.DataDependentGL(variant="approximately")
+  with pytest.raises(TypeError, match="layout must be"):
+    tj.PositiveRescaling(layout="mlp").algebra_zeros([jnp.ones((2, 2))] * 2)
+  with pytest.raises(ValueError, match="k must be an int"):
+    tj.every(0)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  with pytest.raises(ValueError, match="data: the network inputs must be a 2-D array"):
+    SYM.validate(published_problem(0)[0], x)

@@ -1,0 +1,222 @@
+"""with_teleport inside optax chains and jitted train steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import mlp_apply
+from test_solver import published_problem
+
+import teleport_jax as tj
+
+ACT = tj.leaky_relu(0.1)
+SYM = tj.DataDependentGL(activation=ACT)
+
+
+def value_fn(params, x, y):
+  return 0.5 * jnp.sum((y - mlp_apply(params, x, ACT, "out_in")) ** 2)
+
+
+def make_step(opt):
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads = jax.value_and_grad(value_fn)(params, x, y)
+    updates, state = opt.update(grads, state, params, value_fn=value_fn, x=x, y=y)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step
+
+
+def train(opt, params, data, steps):
+  step = make_step(opt)
+  state = opt.init(params)
+  losses, infos = [], []
+  for _ in range(steps):
+    params, state, loss = step(params, state, *data)
+    losses.append(float(loss))
+    infos.append(state)
+  return params, state, np.asarray(losses), step
+
+
+@pytest.mark.parametrize(
+  "make_opt,lr",
+  [(optax.sgd, 1e-4), (optax.adagrad, 1e-1), (optax.adam, 1e-3)],
+  ids=["sgd", "adagrad", "adam"],
+)
+def test_chain_with_common_optimizers_teleports_on_schedule_under_jit(make_opt, lr):
+  params, data = published_problem(0)
+  opt = optax.chain(
+    optax.identity(),
+    tj.with_teleport(make_opt(lr), SYM, schedule=tj.at_steps([2, 5]), num_steps=3),
+  )
+  new_params, state, losses, step = train(opt, params, data, 8)
+  tstate = state[1]
+  assert int(tstate.count) == 8
+  assert int(tstate.num_teleports) + int(tstate.num_rejected) == 2
+  assert int(tstate.num_teleports) >= 1
+  assert np.all(np.isfinite(losses))
+  assert step._cache_size() == 1  # one compilation for all steps, teleport or not
+  # the teleport itself keeps the loss: recorded drift is within tolerance
+  assert float(tstate.info.rel_loss_drift) <= 1e-4
+
+
+def test_update_between_teleports_is_exactly_the_inner_optimizer():
+  params, data = published_problem(1)
+  inner = optax.adam(1e-3)
+  opt = tj.with_teleport(inner, SYM, schedule=tj.at_steps([100]))
+  p1, _, l1, _ = train(opt, params, data, 5)
+  p2, _, l2, _ = train(inner, params, data, 5)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(p1, p2):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_teleport_step_moves_params_along_orbit_then_takes_inner_step():
+  params, data = published_problem(2)
+  lr = 1e-4
+  opt = tj.with_teleport(optax.sgd(lr), SYM, schedule=[0], num_steps=3)
+  state = opt.init(params)
+  grads = jax.grad(value_fn)(params, *data)
+  updates, state = opt.update(grads, state, params, value_fn=value_fn, x=data[0], y=data[1])
+  assert bool(state.info.accepted)
+  new = optax.apply_updates(params, updates)
+  expected, _ = tj.teleport(lambda p, d: value_fn(p, *d), params, data, symmetry=SYM, num_steps=3)
+  g_expected = jax.grad(value_fn)(expected, *data)
+  for a, b, g in zip(new, expected, g_expected):
+    np.testing.assert_allclose(a, b - lr * g, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset"])
+def test_state_policy_keep_or_reset(policy):
+  params, data = published_problem(3)
+  opt = tj.with_teleport(
+    optax.adam(1e-3), SYM, schedule=tj.at_steps([3]), num_steps=2, state_policy=policy
+  )
+  _, state, _, _ = train(opt, params, data, 4)
+  adam_state = state.inner_state[0]
+  assert int(state.num_teleports) == 1
+  # adam's count restarts at the teleport with "reset" (init, then one update)
+  assert int(adam_state.count) == (4 if policy == "keep" else 1)
+
+
+def test_schedules_every_and_first():
+  params, data = published_problem(4)
+  for schedule, expected in (
+    (tj.every(3), 2),
+    (tj.first(2), 2),
+    (2, 3),
+    (tj.every(2, start=1, stop=5), 2),
+  ):
+    opt = tj.with_teleport(optax.sgd(1e-5), tj.PositiveRescaling(), schedule=schedule, num_steps=1)
+    _, state, _, _ = train(opt, params, data, 6)
+    assert int(state.num_teleports) + int(state.num_rejected) == expected, schedule
+
+
+def test_changing_schedule_values_does_not_recompile():
+  params, data = published_problem(5)
+  opt_a = tj.with_teleport(
+    optax.sgd(1e-5), tj.PositiveRescaling(), schedule=tj.every(2), num_steps=1
+  )
+  step = make_step(opt_a)
+  state = opt_a.init(params)
+  params1, state, _ = step(params, state, *data)
+  state = state._replace(schedule=tj.every(5))
+  params1, state, _ = step(params1, state, *data)
+  assert step._cache_size() == 1
+
+
+def test_accepts_unknown_extra_keywords_in_a_chain():
+  params, data = published_problem(6)
+  opt = tj.with_teleport(optax.sgd(1e-4), SYM, schedule=[0], num_steps=1)
+  state = opt.init(params)
+  grads = jax.grad(value_fn)(params, *data)
+  _, state = opt.update(
+    grads, state, params, value_fn=value_fn, x=data[0], y=data[1], some_other_link_arg=3
+  )
+  assert int(state.count) == 1
+
+
+def test_vmap_over_seeds_of_a_teleporting_train_step():
+  opt = tj.with_teleport(optax.sgd(1e-4), SYM, schedule=[0], num_steps=2)
+
+  def run(params, x, y):
+    state = opt.init(params)
+    grads = jax.grad(value_fn)(params, x, y)
+    updates, state = opt.update(grads, state, params, value_fn=value_fn, x=x, y=y)
+    return state.info.accepted, state.info.grad_norm_sq_after
+
+  problems = [published_problem(s) for s in range(3)]
+  params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[p for p, _ in problems])
+  xs = jnp.stack([d[0] for _, d in problems])
+  ys = jnp.stack([d[1] for _, d in problems])
+  accepted, gn = jax.jit(jax.vmap(run))(params, xs, ys)
+  assert accepted.shape == (3,) and bool(jnp.all(accepted))
+
+
+def test_teleport_speeds_up_early_gd_on_published_problem():
+  params, data = published_problem(0)
+  lr = 1e-4
+  plain = train(optax.sgd(lr), params, data, 50)[2]
+  tele = train(
+    tj.with_teleport(
+      optax.sgd(lr), SYM, schedule=[5], num_steps=10, objective=tj.lookahead_loss(lr, 1)
+    ),
+    params,
+    data,
+    50,
+  )[2]
+  assert tele[-1] < plain[-1]
+
+
+def test_flax_linen_and_nnx_models_train_with_teleport():
+  import flax.linen as nn
+  from flax import nnx
+
+  x = jax.random.normal(jax.random.key(0), (6, 8))
+  y = jax.random.normal(jax.random.key(1), (6, 2))
+
+  class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.leaky_relu(nn.Dense(8)(x), 0.1)
+      x = nn.leaky_relu(nn.Dense(8)(x), 0.1)
+      return nn.Dense(2)(x)
+
+  model = Linen()
+  params = model.init(jax.random.key(2), x)
+  vf = lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)
+  opt = optax.chain(
+    tj.with_teleport(
+      optax.adam(1e-2), tj.DataDependentGL(activation=ACT), schedule=tj.at_steps([1]), num_steps=3
+    )
+  )
+  state = opt.init(params)
+
+  @jax.jit
+  def step(p, s):
+    loss, g = jax.value_and_grad(vf)(p, x, y)
+    u, s = opt.update(g, s, p, value_fn=vf, x=x, y=y)
+    return optax.apply_updates(p, u), s, loss
+
+  for _ in range(3):
+    params, state, _ = step(params, state)
+  assert int(state[0].num_teleports) == 1
+
+  class NNX(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(8, 8, rngs=rngs)
+      self.b = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(nnx.leaky_relu(self.a(x), 0.1))
+
+  graphdef, params = nnx.split(NNX(nnx.Rngs(0)), nnx.Param)
+  vf2 = lambda p, x, y: jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
+  opt = tj.with_teleport(optax.sgd(1e-2), tj.PositiveRescaling(), schedule=[0], num_steps=3)
+  state = opt.init(params)
+  loss0, g = jax.value_and_grad(vf2)(params, x, y)
+  u, state = jax.jit(lambda g, s, p: opt.update(g, s, p, value_fn=vf2, x=x, y=y))(g, state, params)
+  params = optax.apply_updates(params, u)
+  assert int(state.num_teleports) == 1
+  assert float(vf2(params, x, y)) < float(loss0)
