@@ -13,6 +13,7 @@ from teleport_jax._src.activations import relu
 from teleport_jax._src.activations import tanh
 from teleport_jax._src.data_gl import DataDependentGL
 from teleport_jax._src.data_gl import default_get_inputs
+from teleport_jax._src.functions import RosenbrockRotation
 from teleport_jax._src.functions import booth
 from teleport_jax._src.functions import booth_symmetry
 from teleport_jax._src.functions import rosenbrock
@@ -55,6 +56,7 @@ __all__ = (
   "Periodic",
   "PositiveRescaling",
   "QuadraticRotation",
+  "RosenbrockRotation",
   "Rotation",
   "Symmetry",
   "TeleportInfo",

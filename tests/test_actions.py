@@ -183,17 +183,26 @@ def test_equal_width_layers_are_batched_in_one_call():
   assert len(calls) == 2  # the two 4x4 layers went through one vmapped call
 
 
-def test_data_dependent_action_drifts_when_batch_exceeds_width(dtype):
-  widths = (3, 4, 4, 2)
+def test_data_dependent_action_with_batch_wider_than_a_layer(dtype):
+  widths = (3, 8, 8, 2)
   params = random_mlp(jax.random.key(0), widths, dtype)
-  x = jax.random.normal(jax.random.key(1), (3, 10), dtype)  # 10 samples > width 3
+  x = jax.random.normal(jax.random.key(1), (3, 6), dtype)  # 6 samples > input width 3
   act = tj.leaky_relu(0.1)
+  out0 = mlp_apply(params, x, act, "out_in")
+  # default: the first hidden layer (fed by 3 features) stays fixed, the second moves exactly
   sym = tj.DataDependentGL(activation=act)
   info = sym.rank_condition(params, x)
   assert not info["shape_ok"] and info["max_exact_batch"] == 3
+  assert info["active_layers"] == (False, True)
   g = sym.exp(_random_algebra(sym, params, jax.random.key(2), 0.5))
   new = tj.group_action(params, g, symmetry=sym, data=x)
-  assert rel_change(mlp_apply(params, x, act, "out_in"), mlp_apply(new, x, act, "out_in")) > 1e-3
+  np.testing.assert_array_equal(new[0], params[0])
+  assert rel_change(params[1], new[1]) > 1e-3
+  assert rel_change(out0, mlp_apply(new, x, act, "out_in")) < 20 * tol(dtype)
+  # forcing every layer to move breaks exactness, which is measurable
+  forced = tj.DataDependentGL(activation=act, skip_inexact_layers=False)
+  new = tj.group_action(params, g, symmetry=forced, data=x)
+  assert rel_change(out0, mlp_apply(new, x, act, "out_in")) > 1e-3
 
 
 def _published_problem(seed, dtype):

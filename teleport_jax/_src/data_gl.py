@@ -70,8 +70,11 @@ class DataDependentGL(symmetry.Symmetry):
   **When is it exact?** ``[H_m, 1] [H_m, 1]^+ = I_n`` is needed for every layer
   that feeds a hidden layer, i.e. the layer inputs of the batch must have full
   row rank ``n`` (samples linearly independent): ``n <= d_{m-1}`` (``+1`` with a
-  bias) for the input and each hidden width except the last. When it fails, the
-  batch loss changes; :meth:`rank_condition` reports it and
+  bias) for the input and each hidden width except the last. By default
+  (``skip_inexact_layers=True``) a hidden layer whose layer input is narrower
+  than the batch is left fixed, so only the layers that can move exactly move.
+  Rank deficiency that the shapes do not reveal (linearly dependent samples)
+  still breaks exactness: :meth:`rank_condition` reports it and
   :func:`teleport_jax.teleport` measures the drift and rejects the teleport if
   it exceeds the tolerance. The action is only loss-invariant on the batch it
   was built from; for other data use :class:`PositiveRescaling`.
@@ -95,6 +98,9 @@ class DataDependentGL(symmetry.Symmetry):
       loss-invariant and exists only to compare with published figures
       (use ``rtol=jnp.inf`` in :func:`teleport` to let it through).
     rcond: relative cut-off for small singular values in the pseudo-inverses.
+    skip_inexact_layers: leave hidden layers whose layer input is narrower
+      than the batch fixed (default), instead of transforming them inexactly
+      (see :meth:`active_layers`).
   """
 
   activation: Any = struct.field(pytree_node=False, default="leaky_relu")
@@ -103,8 +109,24 @@ class DataDependentGL(symmetry.Symmetry):
   batch_axis: int | None = struct.field(pytree_node=False, default=None)
   variant: Literal["exact", "published"] = struct.field(pytree_node=False, default="exact")
   rcond: float | None = struct.field(pytree_node=False, default=None)
+  skip_inexact_layers: bool = struct.field(pytree_node=False, default=True)
 
   needs_data = True
+
+  def active_layers(self, params: chex.ArrayTree, batch_size: int) -> tuple[bool, ...]:
+    """Which hidden layers the action transforms for a batch of ``batch_size``.
+
+    Hidden layer ``m`` can be transformed exactly only if the batch fits the
+    width of its layer input (``n <= d_{m-1}``, ``+1`` with a bias). With
+    ``skip_inexact_layers`` (default) the other hidden layers are left fixed
+    (their group element is ignored), so e.g. a batch larger than the input
+    dimension still teleports the deeper hidden layers exactly.
+    """
+    kernels, biases = self._layout(params).get(params)
+    caps = [k.shape[0] + (b is not None) for k, b in zip(kernels[:-1], biases[:-1])]
+    if not self.skip_inexact_layers or self.variant == "published":
+      return tuple(True for _ in caps)
+    return tuple(batch_size <= c for c in caps)
 
   def __post_init__(self):
     a = act_lib.as_activation(self.activation)
@@ -180,6 +202,7 @@ class DataDependentGL(symmetry.Symmetry):
       "batch_size": n,
       "max_exact_batch": min(caps),
       "shape_ok": n <= min(caps),
+      "active_layers": self.active_layers(params, n),
       "min_singular_ratio": jnp.min(jnp.stack(ratios)),
     }
 
@@ -190,11 +213,13 @@ class DataDependentGL(symmetry.Symmetry):
 
   def exp(self, xi):
     if self.variant == "published":
-      return self.retract(xi)
+      return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
     return symmetry.batched_over_equal_shapes(symmetry.expm, xi)
 
   def retract(self, xi):
-    return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+    if getattr(self, "variant", "exact") == "published":
+      return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+    return symmetry.batched_over_equal_shapes(symmetry.cayley, xi)
 
   def inverse(self, g):
     if self.variant == "published":
@@ -210,14 +235,15 @@ class DataDependentGL(symmetry.Symmetry):
     layer_inputs, pre = layouts.mlp_forward(kernels, biases, sigma, x)
     if self.variant == "published":
       return layout.set(params, *self._act_published(kernels, biases, g, x))
+    active = self.active_layers(params, x.shape[0])
     new_k, new_b = [], []
     for m, (k, b) in enumerate(zip(kernels, biases)):
-      if m < len(kernels) - 1:
+      if m < len(kernels) - 1 and active[m]:
         a = g[m].astype(k.dtype)
         target = sigma.inverse(sigma(pre[m]) @ a)
         pinv = jnp.linalg.pinv(_augment(layer_inputs[m], b), rtol=self.rcond)
         k, b = _split_kb(_stack_kb(k, b) + pinv @ (target - pre[m]), b)
-      if m > 0:
+      if m > 0 and active[m - 1]:
         k = jnp.linalg.solve(g[m - 1].astype(k.dtype), k)
       new_k.append(k)
       new_b.append(b)

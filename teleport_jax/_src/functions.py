@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import chex
 import jax.numpy as jnp
+from flax import struct
 
 from teleport_jax._src import rotation
 
 _BOOTH_M = ((1.0, 2.0), (2.0, 1.0))
+_BOOTH_M_INV = ((-1.0 / 3.0, 2.0 / 3.0), (2.0 / 3.0, -1.0 / 3.0))
 _BOOTH_C = (7.0, 5.0)
 
 
@@ -21,18 +23,21 @@ def booth(w: chex.Array) -> chex.Array:
   return (x + 2 * y - 7) ** 2 + (2 * x + y - 5) ** 2
 
 
+def _booth_forward(w):
+  return jnp.asarray(_BOOTH_M, w.dtype) @ w - jnp.asarray(_BOOTH_C, w.dtype)
+
+
+def _booth_backward(z):
+  return jnp.asarray(_BOOTH_M_INV, z.dtype) @ (z + jnp.asarray(_BOOTH_C, z.dtype))
+
+
 def booth_symmetry() -> rotation.Rotation:
-  """O(2) on Booth's level sets through ``z = M w - c`` (Booth is ``|z|^2``)."""
+  """O(2) on Booth's level sets through ``z = M w - c`` (Booth is ``|z|^2``).
 
-  def forward(w):
-    m = jnp.asarray(_BOOTH_M, w.dtype)
-    return m @ w - jnp.asarray(_BOOTH_C, w.dtype)
-
-  def backward(z):
-    m = jnp.asarray(_BOOTH_M, z.dtype)
-    return jnp.linalg.solve(m, z + jnp.asarray(_BOOTH_C, z.dtype))
-
-  return rotation.Rotation(forward=forward, backward=backward)
+  Returns the same (hashable) symmetry on every call, so jitted code that
+  takes it as a static argument compiles once.
+  """
+  return rotation.Rotation(forward=_booth_forward, backward=_booth_backward)
 
 
 def rosenbrock(w: chex.Array, a: float = 1.0, b: float = 100.0) -> chex.Array:
@@ -41,16 +46,22 @@ def rosenbrock(w: chex.Array, a: float = 1.0, b: float = 100.0) -> chex.Array:
   return (a - x) ** 2 + b * (y - x**2) ** 2
 
 
-def rosenbrock_symmetry(a: float = 1.0, b: float = 100.0) -> rotation.Rotation:
+@struct.dataclass
+class RosenbrockRotation(rotation._LatentRotation):
   """O(2) on Rosenbrock's level sets through ``u = a - x, v = sqrt(b) (y - x^2)``."""
-  sb = b**0.5
 
-  def forward(w):
+  a: float = struct.field(pytree_node=False, default=1.0)
+  b: float = struct.field(pytree_node=False, default=100.0)
+
+  def to_latent(self, w):
     x, y = w[0], w[1]
-    return jnp.stack([a - x, sb * (y - x**2)])
+    return jnp.stack([self.a - x, self.b**0.5 * (y - x**2)])
 
-  def backward(z):
-    x = a - z[0]
-    return jnp.stack([x, z[1] / sb + x**2])
+  def from_latent(self, z):
+    x = self.a - z[0]
+    return jnp.stack([x, z[1] / self.b**0.5 + x**2])
 
-  return rotation.Rotation(forward=forward, backward=backward)
+
+def rosenbrock_symmetry(a: float = 1.0, b: float = 100.0) -> RosenbrockRotation:
+  """O(2) on Rosenbrock's level sets (see :class:`RosenbrockRotation`)."""
+  return RosenbrockRotation(a=float(a), b=float(b))

@@ -49,7 +49,9 @@ class LinearGL(symmetry.Symmetry):
     return symmetry.batched_over_equal_shapes(symmetry.expm, xi)
 
   def retract(self, xi):
-    return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+    if getattr(self, "variant", "exact") == "published":
+      return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+    return symmetry.batched_over_equal_shapes(symmetry.cayley, xi)
 
   def inverse(self, g):
     return symmetry.batched_over_equal_shapes(jnp.linalg.inv, g)

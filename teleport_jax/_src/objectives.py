@@ -7,6 +7,7 @@ returns ``(value, loss)``: the value to optimise and the loss at ``params``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -53,6 +54,24 @@ def grad_norm_sq(maximize: bool = True) -> Objective:
   return Objective(_grad_norm_sq, bool(maximize), "max_grad_norm" if maximize else "min_grad_norm")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Lookahead:
+  """``fn`` of :func:`lookahead_loss`; hashable by value, so equal settings
+  share compiled code."""
+
+  learning_rate: float
+  num_steps: int
+
+  def __call__(self, loss_fn, params, data):
+    lr, k = self.learning_rate, self.num_steps
+    f = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
+    loss0, grads = jax.value_and_grad(f)(params)
+    p = optax.tree.add_scale(params, -lr, grads)
+    if k > 1:  # a loop, not an unrolled chain: compile time does not grow with k
+      p = jax.lax.fori_loop(0, k - 1, lambda _, p: optax.tree.add_scale(p, -lr, jax.grad(f)(p)), p)
+    return f(p), loss0
+
+
 def lookahead_loss(learning_rate: float, num_steps: int = 1) -> Objective:
   r"""The loss after ``num_steps`` gradient-descent steps of size ``learning_rate``.
 
@@ -65,23 +84,14 @@ def lookahead_loss(learning_rate: float, num_steps: int = 1) -> Objective:
 
   Args:
     learning_rate: the step size of the optimizer that runs after the teleport.
-    num_steps: how many steps to look ahead (unrolled, differentiated through).
+    num_steps: how many steps to look ahead (a ``lax`` loop, differentiated through).
   """
   if not learning_rate > 0:
     raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
   lr, k = float(learning_rate), int(num_steps)
-
-  def fn(loss_fn, params, data):
-    f = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
-    loss0, grads = jax.value_and_grad(f)(params)
-    p = optax.tree.add_scale(params, -lr, grads)
-    for _ in range(k - 1):
-      p = optax.tree.add_scale(p, -lr, jax.grad(f)(p))
-    return f(p), loss0
-
-  return Objective(fn, False, f"lookahead_loss(lr={lr:g}, steps={k})")
+  return Objective(_Lookahead(lr, k), False, f"lookahead_loss(lr={lr:g}, steps={k})")
 
 
 _NAMED = {

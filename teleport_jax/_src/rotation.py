@@ -45,7 +45,7 @@ class _LatentRotation(symmetry.Symmetry):
     return symmetry.expm(0.5 * (xi - xi.T))
 
   def retract(self, xi):
-    return jnp.eye(xi.shape[0], dtype=xi.dtype) + 0.5 * (xi - xi.T)
+    return symmetry.cayley(0.5 * (xi - xi.T))
 
   def inverse(self, g):
     return g.T

@@ -154,9 +154,11 @@ def teleport(
 
   Runs ``num_steps`` steps of gradient ascent (or descent for minimised
   objectives) on the Lie algebra inside a ``lax.fori_loop``: at the current
-  point ``w`` it differentiates ``J(xi) = objective(act(w, exp(xi)))`` at
+  point ``w`` it differentiates ``J(xi) = objective(act(w, retract(xi)))`` at
   ``xi = 0``, takes ``xi = step_size * grad / |grad|`` (or ``step_size * grad``
-  with ``normalize=False``) and moves to ``act(w, exp(xi))``.
+  with ``normalize=False``) and moves to ``act(w, retract(xi))``, where
+  ``retract`` is the group's first-order exponential (the Cayley transform
+  for matrix groups: always a true, invertible group element).
 
   With ``safeguard=True`` (default) a step is kept only if it improves the
   objective, keeps every value finite and keeps the loss within ``rtol`` of the
@@ -268,21 +270,25 @@ def teleport_with_grad(
     (jv, (value, loss)), g = jax.value_and_grad(j, has_aux=True)(xi0)
     return jv, value, loss, g
 
-  jv0, value0, _, g0 = j_and_grad(params)
-
   class Carry(NamedTuple):
     w: Any
     jv: chex.Array
     value: chex.Array
+    value0: chex.Array
     grad: Any
     eta: chex.Array
     accepted: chex.Array
 
-  def body(_, c: Carry) -> Carry:
+  # Iteration 0 only evaluates the objective at ``params`` (so the objective's
+  # gradient graph is traced and compiled once, not twice); iterations
+  # 1..num_steps take steps.
+  def body(i, c: Carry) -> Carry:
+    first = i == 0
     gnorm = optax.tree.norm(c.grad)
     scale = c.eta / jnp.maximum(gnorm, jnp.finfo(dtype).tiny) if normalize else c.eta
     xi = optax.tree.scale(scale, c.grad)
-    cand = symmetry.act(c.w, symmetry.exp(xi), data)
+    moved = symmetry.act(c.w, symmetry.retract(xi), data)
+    cand = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), c.w, moved)
     jv, value, loss, g = j_and_grad(cand)
     finite = (
       jnp.isfinite(jv)
@@ -290,19 +296,37 @@ def teleport_with_grad(
       & layouts.tree_leaves_finite(cand)
       & layouts.tree_leaves_finite(g)
     )
-    ok = finite
+    ok = finite | first
     if safeguard:
       drift = jnp.abs(loss - loss0) / loss_scale
-      ok = ok & (jv > c.jv) & (drift <= rtol)
-    new = Carry(cand, jv, value, g, c.eta, c.accepted + 1)
+      # require an improvement beyond rounding, so drift does not creep up
+      improved = jv > c.jv + 4 * jnp.finfo(dtype).eps * jnp.abs(c.jv)
+      ok = first | (ok & improved & (drift <= rtol))
+    new = Carry(cand, jv, value, c.value0, g, c.eta, c.accepted + jnp.where(first, 0, 1))
     kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
+    kept = kept._replace(value0=jnp.where(first, value, c.value0).astype(c.value0.dtype))
     if safeguard:
       eta = jnp.where(ok, jnp.minimum(c.eta * 1.5, max_step_size), c.eta * 0.5)
-      kept = kept._replace(eta=eta.astype(c.eta.dtype))
+      kept = kept._replace(eta=jnp.where(first, c.eta, eta).astype(c.eta.dtype))
     return kept
 
-  init = Carry(params, jv0, value0, g0, jnp.asarray(step_size, dtype), jnp.zeros((), jnp.int32))
-  out = jax.lax.fori_loop(0, num_steps, body, init)
+  nan = jnp.asarray(jnp.nan, dtype)
+  init = Carry(
+    w=params,
+    jv=jnp.asarray(-jnp.inf, dtype),
+    value=nan,
+    value0=nan,
+    grad=symmetry.algebra_zeros(params),
+    eta=jnp.asarray(step_size, dtype),
+    accepted=jnp.zeros((), jnp.int32),
+  )
+  if num_steps == 0:
+    out = init._replace(
+      value=jnp.asarray(obj_lib.evaluate(objective, loss_fn, params, data)[0], dtype)
+    )
+    out = out._replace(value0=out.value)
+  else:
+    out = jax.lax.fori_loop(0, num_steps + 1, body, init)
 
   cand = out.w
   loss1, grads1 = jax.value_and_grad(loss_of)(cand)
@@ -331,7 +355,7 @@ def teleport_with_grad(
     grad_norm_sq_before=gnorm0,
     grad_norm_sq_after=pick(gnorm1, gnorm0),
     rel_loss_drift=drift.astype(dtype),
-    objective_before=jnp.asarray(value0, dtype),
+    objective_before=jnp.asarray(out.value0, dtype),
     objective_after=jnp.asarray(out.value, dtype),
     num_accepted_steps=out.accepted,
     final_step_size=out.eta,

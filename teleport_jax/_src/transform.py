@@ -32,6 +32,8 @@ class TeleportState(NamedTuple):
       (``status == SKIPPED`` before the first one).
     num_teleports: accepted teleports so far.
     num_rejected: rejected teleports so far.
+    max_rel_loss_drift: largest relative loss drift over the accepted teleports
+      so far (the record of every teleport, not only the latest).
   """
 
   count: chex.Array
@@ -40,6 +42,7 @@ class TeleportState(NamedTuple):
   info: solver.TeleportInfo
   num_teleports: chex.Array
   num_rejected: chex.Array
+  max_rel_loss_drift: chex.Array
 
 
 def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
@@ -164,6 +167,7 @@ def with_teleport(
       info=solver.empty_info(dtype),
       num_teleports=jnp.zeros((), jnp.int32),
       num_rejected=jnp.zeros((), jnp.int32),
+      max_rel_loss_drift=jnp.zeros((), dtype),
     )
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -216,6 +220,11 @@ def with_teleport(
       info=info,
       num_teleports=state.num_teleports + accepted.astype(jnp.int32),
       num_rejected=state.num_rejected + (do & ~info.accepted).astype(jnp.int32),
+      max_rel_loss_drift=jnp.where(
+        accepted,
+        jnp.maximum(state.max_rel_loss_drift, info.rel_loss_drift),
+        state.max_rel_loss_drift,
+      ).astype(state.max_rel_loss_drift.dtype),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -24,6 +24,9 @@ from teleport_jax.experiments import common
 # name -> module under teleport_jax.experiments, in run order
 EXPERIMENTS = {
   "mlp_regression": "regression",
+  "classification": "classification",
+  "test_functions": "functions2d",
+  "newton": "newton",
 }
 
 

@@ -15,7 +15,9 @@ The ``*_published`` methods run the published first-order action (``I - T``
 in place of ``(I + T)^{-1}``) with the published hyper-parameters (8 plain
 steps of size 1e-7 for GD, 2 of 1e-5 for AdaGrad, objective max |grad|^2) and
 no loss check, so the per-teleport loss change it causes can be read next to
-ours.
+ours. ``gd_teleport_max_grad_norm`` is the exact action with the paper's
+objective (10 normalised steps): it shows what maximising the gradient norm
+does to GD with a fixed step size.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ EPOCH_OF_INTEREST = 50
 
 METHODS = ("gd", "gd_teleport", "adagrad", "adagrad_teleport", "gd_teleport_repeated")
 PUBLISHED = ("gd_teleport_published", "adagrad_teleport_published")
+# Comparison: the exact action with the paper's objective (max |grad|^2), 10 normalised steps.
+ABLATIONS = ("gd_teleport_max_grad_norm",)
+COMPARISONS = PUBLISHED + ABLATIONS
 
 
 def make_problem(seed: int, dims=DIMS, dtype=jnp.float32):
@@ -97,6 +102,15 @@ def make_optimizer(method: str) -> optax.GradientTransformation:
       [TELEPORT_EPOCH],
       objective=tj.lookahead_loss(GD_LR, 5),
       **ours,
+    )
+  if method == "gd_teleport_max_grad_norm":
+    return tj.with_teleport(
+      optax.sgd(GD_LR),
+      exact,
+      [TELEPORT_EPOCH],
+      objective="max_grad_norm",
+      num_steps=10,
+      step_size=0.1,
     )
   published = dict(objective="max_grad_norm", normalize=False, safeguard=False, rtol=float("inf"))
   if method == "gd_teleport_published":
@@ -167,7 +181,7 @@ def _teleport_epochs(method, epochs):
 
 def num_units(config: common.RunConfig) -> int:
   seeds, _ = _sizes(config)
-  return len(seeds) * (len(METHODS) + len(PUBLISHED))
+  return len(seeds) * (len(METHODS) + len(COMPARISONS))
 
 
 def _sizes(config):
@@ -177,7 +191,7 @@ def _sizes(config):
 def run(config: common.RunConfig, progress=None) -> dict:
   """Runs every method, writes the plots, returns the summary section."""
   seeds, epochs = _sizes(config)
-  results = {m: run_method(m, seeds, epochs, progress) for m in METHODS + PUBLISHED}
+  results = {m: run_method(m, seeds, epochs, progress) for m in METHODS + COMPARISONS}
   runs = {}
   for m, r in results.items():
     mean, std = common.mean_std(r["losses"])
@@ -264,7 +278,7 @@ def _table(runs, epochs):
 def _plot(results, config):
   plt = common.plt()
   out = config.out_dir
-  colors = {m: f"C{i}" for i, m in enumerate(METHODS + PUBLISHED)}
+  colors = {m: f"C{i}" for i, m in enumerate(METHODS + COMPARISONS)}
   for xaxis, fname in (("epoch", "mlp_loss_vs_epoch.png"), ("time", "mlp_loss_vs_time.png")):
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in METHODS:
