@@ -112,18 +112,19 @@ def test_inner_steps_to_nonfinite_points_are_refused():
 
 def test_jit_matches_eager_and_vmap_over_seeds():
   sym = SYMS["data_gl"]
-  f = lambda p, d: tj.teleport(loss, p, d, symmetry=sym, num_steps=4)
+  f = lambda p, d: tj.teleport(loss, p, d, symmetry=sym, num_steps=3)
   params, data = published_problem(0)
   eager_p, eager_i = f(params, data)
-  jit_p, jit_i = jax.jit(f)(params, data)
+  jit_f = jax.jit(f)
+  jit_p, jit_i = jit_f(params, data)
   for a, b in zip(eager_p, jit_p):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  batch = [published_problem(s) for s in range(3)]
+  batch = [published_problem(s) for s in range(2)]
   stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *batch)
   vp, vi = jax.jit(jax.vmap(f))(*stacked)
-  assert vi.accepted.shape == (3,) and bool(jnp.all(vi.accepted))
-  for s in range(3):
-    sp, si = jax.jit(f)(*batch[s])
+  assert vi.accepted.shape == (2,) and bool(jnp.all(vi.accepted))
+  for s in range(2):
+    _, si = jit_f(*batch[s])
     np.testing.assert_allclose(vi.grad_norm_sq_after[s], si.grad_norm_sq_after, rtol=1e-3)
 
 

@@ -101,8 +101,10 @@ def timed_training(
 
 
 def mean_std(rows) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and standard deviation over seeds (axis 0); non-finite runs give NaN."""
   a = np.asarray(rows, dtype=np.float64)
-  return a.mean(axis=0), a.std(axis=0)
+  with np.errstate(invalid="ignore", over="ignore"):
+    return a.mean(axis=0), a.std(axis=0)
 
 
 def finite_list(a) -> list:

@@ -233,8 +233,8 @@ def _notes(rows, worst_cos, worst_newton, worst_b) -> list[str]:
     f"The step 1/lambda_max need not be known: at the teleported point the Rayleigh quotient "
     f"|grad|^2 / (2 L) equals lambda_max, and GD with step 2 L / |grad|^2 reaches L/L0 <= "
     f"{rayleigh:.2g}.",
-    "Cost: the teleport is an ascent on O(n) (here up to 300 steps, each with a matrix "
-    "exponential and gradients through eigh), far more than one Newton solve; the point is the "
+    "Cost: the teleport is an ascent on O(n) (here up to 300 steps, each with a Cayley "
+    "transform and gradients through eigh), far more than one Newton solve; the point is the "
     "geometry, not a cheaper Newton method.",
   ]
 
