@@ -182,28 +182,36 @@ class DataDependentGL(symmetry.Symmetry):
     """Checks the exactness condition on a batch.
 
     Returns:
-      A dict with ``batch_size``, ``max_exact_batch`` (the largest batch for which
-      the condition can hold given the widths), ``shape_ok`` (static) and
-      ``min_singular_ratio`` (smallest/largest singular value of the layer
-      inputs over the layers that matter; near zero means rank deficient).
+      A dict with ``batch_size``; ``active_layers`` (see :meth:`active_layers`);
+      ``max_exact_batch``, the largest batch for which *every* hidden layer
+      could move exactly given the widths; ``shape_ok``, whether the batch fits
+      every layer that moves (``True`` when the skipped layers are the only
+      ones it does not fit); ``all_layers_ok``, whether it fits all of them;
+      and ``min_singular_ratio``, the smallest/largest singular value of the
+      layer inputs of the moving layers (near zero: rank deficient, and in
+      float32 a sign of lost digits; ``nan`` if no layer moves).
     """
     layout = self._layout(params)
     kernels, biases = layout.get(params)
     x = self.inputs(params, data)
+    n = x.shape[0]
+    active = self.active_layers(params, n)
     layer_inputs, _ = layouts.mlp_forward(kernels, biases, self._activation, x)
     ratios, caps = [], []
     for m in range(len(kernels) - 1):
       h = _augment(layer_inputs[m], biases[m])
       caps.append(h.shape[1])
-      sv = jnp.linalg.svd(h, compute_uv=False)
-      ratios.append(sv[min(h.shape) - 1] / sv[0])
-    n = x.shape[0]
+      if active[m]:
+        sv = jnp.linalg.svd(h, compute_uv=False)
+        ratios.append(sv[min(h.shape) - 1] / sv[0])
+    moving = [c for c, a in zip(caps, active) if a]
     return {
       "batch_size": n,
+      "active_layers": active,
       "max_exact_batch": min(caps),
-      "shape_ok": n <= min(caps),
-      "active_layers": self.active_layers(params, n),
-      "min_singular_ratio": jnp.min(jnp.stack(ratios)),
+      "shape_ok": bool(moving) and n <= min(moving),
+      "all_layers_ok": n <= min(caps),
+      "min_singular_ratio": jnp.min(jnp.stack(ratios)) if ratios else jnp.asarray(jnp.nan),
     }
 
   # ------------------------------------------------------------ group

@@ -107,7 +107,9 @@ def with_teleport(
 
   Place clipping or other gradient transforms *inside* (``with_teleport(
   optax.chain(optax.clip_by_global_norm(1.), optax.adam(1e-3)), ...)``) so they
-  also apply to the gradient at the teleported point.
+  also apply to the gradient at the teleported point, and make this
+  transformation the outermost one (or the last link of a chain): its update
+  contains the jump ``w' - w``, which a later link would rescale.
 
   Args:
     optimizer: the optax optimizer to wrap.

@@ -17,10 +17,13 @@ Teleport settings (chosen and measured for this experiment, not taken from the
 paper):
 
 * Group: :class:`teleport_jax.PositiveRescaling` of both hidden layers. Its
-  action is exact on *any* batch (LeakyReLU is positively homogeneous),
-  whereas the data-dependent GL action of the paper is exact only when the
-  batch is no larger than the hidden width, which fails for our minibatches.
-  Every teleport's relative loss change is recorded and must stay below 1e-4.
+  action is data-free: the network function is unchanged on *every* input
+  (LeakyReLU is positively homogeneous), so a teleport computed on one
+  minibatch leaves the validation predictions exactly as they were. The
+  data-dependent GL action of the paper keeps the loss only on the batch it
+  was built from (and needs the batch to be no larger than the layer widths),
+  so it would change the predictions on all other data. Every teleport's
+  relative loss change is recorded and must stay below 1e-4.
 * Schedule: at the first step of each of the first ``teleport_epochs`` (3)
   epochs (:func:`teleport_jax.every` with ``period = steps per epoch`` and
   ``stop``), i.e. a few teleports early in training, where they change the
@@ -430,18 +433,25 @@ def _notes(runs) -> list[str]:
       + "."
     )
   if "sgd" in runs:
-    _, e_sgd = _best(runs["sgd"])
+    best_sgd, e_sgd = _best(runs["sgd"])
     for m in runs:
-      _, e_tel = _best(runs[m])
+      best_tel, e_tel = _best(runs[m])
       if m == "sgd" or e_sgd < 0 or e_tel < 0 or runs[m]["nonfinite_runs"]:
         continue
       last = len(runs[m]["val_loss"]) - 1
-      if e_tel < e_sgd:
-        verdict = f"yes, the validation loss bottoms out earlier (epoch {e_tel} vs {e_sgd} for sgd)"
-      elif e_tel == e_sgd == last:
+      spread = max(runs[m]["val_loss_std"][e_tel] or 0.0, runs["sgd"]["val_loss_std"][e_sgd] or 0.0)
+      diff = best_tel - best_sgd
+      if e_tel == e_sgd == last:
         verdict = "not visible, both validation losses still fall at the last epoch"
       else:
-        verdict = f"no, the validation loss bottoms out at epoch {e_tel} vs {e_sgd} for sgd"
+        when = "earlier" if e_tel < e_sgd else ("later" if e_tel > e_sgd else "at the same epoch")
+        verdict = (
+          f"the validation loss bottoms out {when} (epoch {e_tel} vs {e_sgd} for sgd"
+          + (", whose validation loss still falls at the last epoch" if e_sgd == last else "")
+          + f"); minimum {best_tel:.4g} vs {best_sgd:.4g} ({diff:+.2g}), seed spread "
+          f"+-{spread:.2g}"
+          + (": within the spread over seeds, weak evidence" if abs(diff) <= spread else "")
+        )
       notes.append(f"Early overfitting with {m}: {verdict}.")
   return notes
 

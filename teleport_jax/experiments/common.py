@@ -112,11 +112,27 @@ def finite_list(a) -> list:
   return [float(v) if np.isfinite(v) else None for v in np.asarray(a, np.float64).ravel()]
 
 
-def plt():
-  """matplotlib.pyplot with a non-interactive backend (no display needed)."""
-  import matplotlib
+class _FigureFactory:
+  """The two pyplot calls the experiments use, without pyplot's global state.
 
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as pyplot
+  Figures are plain :class:`matplotlib.figure.Figure` objects rendered by the
+  Agg canvas, so running an experiment neither needs a display nor changes the
+  backend of the caller (a notebook keeps showing its own plots).
+  """
 
-  return pyplot
+  @staticmethod
+  def subplots(*args, **kwargs):
+    from matplotlib.figure import Figure
+
+    fig_kw = {k: kwargs.pop(k) for k in ("figsize", "dpi") if k in kwargs}
+    fig = Figure(**fig_kw)
+    return fig, fig.subplots(*args, **kwargs)
+
+  @staticmethod
+  def close(fig) -> None:
+    del fig  # nothing to release: the figure is not registered with pyplot
+
+
+def plt() -> _FigureFactory:
+  """``subplots``/``close`` for writing plot files (see :class:`_FigureFactory`)."""
+  return _FigureFactory()
