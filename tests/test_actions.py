@@ -15,6 +15,7 @@ from conftest import tol
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from test_solver import published_problem
 
 import teleport_jax as tj
 
@@ -212,21 +213,9 @@ def test_data_dependent_action_with_batch_wider_than_a_layer(dtype):
   assert rel_change(out0, mlp_apply(new, x, act, "out_in")) > 1e-3
 
 
-def _published_problem(seed, dtype):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.uniform(ks[0], (5, 4), dtype)
-  y = jax.random.uniform(ks[1], (8, 4), dtype)
-  ws = [
-    jax.random.uniform(ks[2], (6, 5), dtype),
-    jax.random.uniform(ks[3], (7, 6), dtype),
-    jax.random.uniform(ks[4], (8, 7), dtype),
-  ]
-  return ws, (x, y)
-
-
 def test_published_first_order_action_changes_the_loss_and_exact_does_not(dtype):
   act = tj.leaky_relu(0.1)
-  params, data = _published_problem(0, dtype)
+  params, data = published_problem(0, dtype)
   loss = lambda p, d: 0.5 * jnp.sum((d[1] - mlp_apply(p, d[0], act, "out_in")) ** 2)
   exact = tj.DataDependentGL(activation=act)
   published = tj.DataDependentGL(activation=act, variant="published")

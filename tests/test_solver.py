@@ -8,20 +8,15 @@ from conftest import mlp_apply
 from conftest import random_mlp
 
 import teleport_jax as tj
+from teleport_jax.experiments import regression
 
 ACT = tj.leaky_relu(0.1)
 
 
 def published_problem(seed, dtype=jnp.float32):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  x = jax.random.uniform(ks[0], (5, 4), dtype)
-  y = jax.random.uniform(ks[1], (8, 4), dtype)
-  ws = [
-    jax.random.uniform(ks[2], (6, 5), dtype),
-    jax.random.uniform(ks[3], (7, 6), dtype),
-    jax.random.uniform(ks[4], (8, 7), dtype),
-  ]
-  return ws, (x, y)
+  """The published regression problem as ``(params, (x, y))``."""
+  params, x, y = regression.make_problem(seed, dtype=dtype)
+  return params, (x, y)
 
 
 def loss(params, data):

@@ -112,13 +112,6 @@ def cayley(x: chex.Array) -> chex.Array:
   return jnp.linalg.solve(eye - 0.5 * x, eye + 0.5 * x)
 
 
-def is_concrete(*trees: Any) -> bool:
-  """Whether all leaves hold concrete values (not traced under jit/vmap/grad)."""
-  return not any(
-    isinstance(leaf, jax.core.Tracer) for tree in trees for leaf in jax.tree_util.tree_leaves(tree)
-  )
-
-
 def check_finite(tree: Any, argname: str) -> None:
   """Raises ``ValueError`` naming ``argname`` if a concrete leaf is non-finite.
 
