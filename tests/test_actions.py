@@ -186,9 +186,21 @@ def test_equal_width_layers_are_batched_in_one_call():
     return a
 
   tj_sym = pytest.importorskip("teleport_jax._src.symmetry")
-  out = tj_sym.batched_over_equal_shapes(fn, [jnp.ones((4, 4)), jnp.ones((4, 4)), jnp.ones((3, 3))])
+  arrays = [jnp.ones((4, 4)), 2 * jnp.ones((4, 4)), jnp.ones((3, 3))]
+  out = tj_sym.batched_over_equal_shapes(fn, arrays, batch=True)
   assert [o.shape for o in out] == [(4, 4), (4, 4), (3, 3)]
+  assert float(out[1][0, 0]) == 2.0  # results come back in the original order
   assert len(calls) == 2  # the two 4x4 layers went through one vmapped call
+  calls.clear()
+  tj_sym.batched_over_equal_shapes(fn, arrays, batch=False)
+  assert len(calls) == 3
+
+
+def test_layers_are_not_batched_on_cpu_by_default():
+  calls = []
+  tj_sym = pytest.importorskip("teleport_jax._src.symmetry")
+  tj_sym.batched_over_equal_shapes(lambda a: calls.append(a) or a, [jnp.ones((4, 4))] * 2)
+  assert len(calls) == (2 if jax.default_backend() == "cpu" else 1)
 
 
 def test_data_dependent_action_with_batch_wider_than_a_layer(dtype):

@@ -8,6 +8,7 @@ from typing import Any
 from typing import Literal
 
 import chex
+import jax
 import jax.numpy as jnp
 from flax import struct
 
@@ -238,21 +239,36 @@ class DataDependentGL(symmetry.Symmetry):
     layout = self._layout(params)
     kernels, biases = layout.get(params)
     rescaling._check_group_shapes(g, kernels, vector=False)
-    sigma = self._activation
     x = self.inputs(params, data).astype(kernels[0].dtype)
-    layer_inputs, pre = layouts.mlp_forward(kernels, biases, sigma, x)
     if self.variant == "published":
       return layout.set(params, *self._act_published(kernels, biases, g, x))
+    return self._act_exact(params, g, x, lambda a, k: jnp.linalg.solve(a, k))
+
+  def act_linearized(self, params, xi, data=None):
+    if self.variant == "published":
+      return super().act_linearized(params, xi, data)
+    kernels, _ = self._layout(params).get(params)
+    x = self.inputs(params, data).astype(kernels[0].dtype)
+    g = tuple(jnp.eye(a.shape[0], dtype=a.dtype) + a for a in xi)
+    return self._act_exact(params, g, x, lambda a, k: 2 * k - a @ k)  # (I - xi) K
+
+  def _act_exact(self, params, g, x, inv_apply):
+    """The exact action; ``inv_apply(A, K)`` applies ``A^{-1}`` to the outgoing kernel."""
+    layout = self._layout(params)
+    kernels, biases = layout.get(params)
+    rescaling._check_group_shapes(g, kernels, vector=False)
+    sigma = self._activation
+    layer_inputs, pre = layouts.mlp_forward(kernels, biases, sigma, x)
     active = self.active_layers(params, x.shape[0])
     new_k, new_b = [], []
     for m, (k, b) in enumerate(zip(kernels, biases)):
       if m < len(kernels) - 1 and active[m]:
         a = g[m].astype(k.dtype)
         target = sigma.inverse(sigma(pre[m]) @ a)
-        pinv = jnp.linalg.pinv(_augment(layer_inputs[m], b), rtol=self.rcond)
-        k, b = _split_kb(_stack_kb(k, b) + pinv @ (target - pre[m]), b)
+        delta = _pinv_apply(_augment(layer_inputs[m], b), target - pre[m], self.rcond)
+        k, b = _split_kb(_stack_kb(k, b) + delta, b)
       if m > 0 and active[m - 1]:
-        k = jnp.linalg.solve(g[m - 1].astype(k.dtype), k)
+        k = inv_apply(g[m - 1].astype(k.dtype), k)
       new_k.append(k)
       new_b.append(b)
     return layout.set(params, new_k, new_b)
@@ -278,6 +294,24 @@ class DataDependentGL(symmetry.Symmetry):
       kernels[m], biases[m] = _split_kb(pinv @ target, biases[m])
       h = sigma(h @ kernels[m] + (0 if biases[m] is None else biases[m]))
     return kernels, biases
+
+
+def _pinv_apply(m: chex.Array, r: chex.Array, rcond: float | None) -> chex.Array:
+  """``pinv(m) @ r`` for the ``(n, c)`` layer-input matrix ``m``.
+
+  For ``n <= c`` (the case in which the action is exact) this is
+  ``Q R^{-T} r`` with the thin QR factorisation ``m^T = Q R``: as accurate as
+  the SVD for a matrix of full row rank and several times cheaper. A
+  rank-deficient ``m`` then gives non-finite values, which the teleport solver
+  rejects (the SVD would give an inexact, loss-changing move instead). With an
+  explicit ``rcond``, or ``n > c``, the SVD pseudo-inverse is used.
+  """
+  n, c = m.shape
+  if rcond is not None or n > c:
+    return jnp.linalg.pinv(m, rtol=rcond) @ r
+  q, upper = jnp.linalg.qr(m.T)  # q: (c, n), upper: (n, n)
+  y = jax.scipy.linalg.solve_triangular(upper, r, trans="T", lower=False)
+  return q @ y
 
 
 def _augment(h: chex.Array, b) -> chex.Array:

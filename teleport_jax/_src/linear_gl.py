@@ -62,6 +62,14 @@ class LinearGL(symmetry.Symmetry):
 
   def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
     del data
+    return self._apply(params, g, lambda a, k: jnp.linalg.solve(a, k))
+
+  def act_linearized(self, params, xi, data=None):
+    del data
+    g = tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
+    return self._apply(params, g, lambda a, k: 2 * k - a @ k)  # (I - xi) K
+
+  def _apply(self, params, g, inv_apply):
     layout = self._layout(params)
     kernels, biases = layout.get(params)
     rescaling._check_group_shapes(g, kernels, vector=False)
@@ -71,5 +79,5 @@ class LinearGL(symmetry.Symmetry):
       kernels[m] = kernels[m] @ a
       if biases[m] is not None:
         biases[m] = biases[m] @ a
-      kernels[m + 1] = jnp.linalg.solve(a, kernels[m + 1])
+      kernels[m + 1] = inv_apply(a, kernels[m + 1])
     return layout.set(params, kernels, biases)

@@ -68,20 +68,46 @@ class Symmetry(abc.ABC):
     """
     return self.exp(xi)
 
+  def act_linearized(
+    self, params: chex.ArrayTree, xi: AlgebraElement, data: Any = None
+  ) -> chex.ArrayTree:
+    """A map of ``xi`` that agrees with ``act(params, retract(xi), data)`` to first order.
+
+    The teleport solver only needs the objective's value and gradient on the
+    algebra at ``xi = 0``, which depend on the action only to first order, so
+    groups may return a cheaper map here (matrix groups use ``I + xi`` for
+    ``g`` and ``I - xi`` for ``g^{-1}``, with no factorisation). It is *not*
+    a group action away from ``xi = 0``; moves always use :meth:`act`.
+    Default: ``act(params, retract(xi), data)``.
+    """
+    return self.act(params, self.retract(xi), data)
+
   def validate(self, params: chex.ArrayTree, data: Any = None) -> None:
     """Raises ``ValueError``/``TypeError`` if ``params``/``data`` do not fit."""
     del params, data
 
 
 def batched_over_equal_shapes(
-  fn: Callable[[chex.Array], chex.Array], arrays: Sequence[chex.Array]
+  fn: Callable[[chex.Array], chex.Array],
+  arrays: Sequence[chex.Array],
+  *,
+  batch: bool | None = None,
 ) -> tuple[chex.Array, ...]:
   """Applies ``fn`` to each array, ``vmap``-ing over arrays of equal shape.
 
   Layers of equal width are stacked and handled in one batched call (one
   kernel launch on an accelerator); layers of a different width form their own
   batch. Results are returned in the original order.
+
+  ``batch=None`` (default) batches on accelerators only: on the CPU backend
+  each layer gets its own call, as there is no kernel launch to save and
+  jaxlib's batched CPU LAPACK kernels (before 0.11.1) can deadlock a small
+  thread pool when two of them run concurrently.
   """
+  if batch is None:
+    batch = jax.default_backend() != "cpu"
+  if not batch:
+    return tuple(fn(a) for a in arrays)
   groups: dict[tuple, list[int]] = {}
   for i, a in enumerate(arrays):
     groups.setdefault((tuple(a.shape), jnp.asarray(a).dtype), []).append(i)

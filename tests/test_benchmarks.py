@@ -1,0 +1,82 @@
+"""Smoke test of the benchmark suite's entry point (``python -m benchmarks.run``).
+
+Runs every suite in ``--smoke`` mode (tiny sizes, cheap stand-ins for the
+expensive teleports) and checks that the JSON results are written with the
+expected keys. It checks plumbing, not performance.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package lives next to tests/, not installed
+  sys.path.insert(0, str(ROOT))
+
+SUITE_KEYS = {"suite", "mode", "tables", "targets", "notes", "wall_s", "machine"}
+EXTRA_KEYS = {
+  "latency": {"problem", "timings", "compile", "eager", "ratios"},
+  "scaling": {"rows", "data_gl_pieces", "points", "settings"},
+  "time_to_target": {"rows", "regression", "memory", "settings"},
+  "compile": {"compile", "schedule_changes", "recompiled_on_value_change", "num_steps_change"},
+}
+MACHINE_KEYS = {"platform", "jax_version", "backend", "devices", "cpu_count", "total_wall_s"}
+TARGET_KEYS = {"name", "measured", "threshold", "comparison", "status"}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+  from benchmarks import run
+
+  out = tmp_path_factory.mktemp("bench")
+  results = run.main(["--smoke", "--out", str(out)])
+  return out, results
+
+
+def test_writes_one_json_per_suite_and_machine(smoke_results):
+  out, results = smoke_results
+  from benchmarks import run
+
+  assert set(results) == set(run.SUITES)
+  names = {p.name for p in out.glob("*.json")}
+  assert names == {f"{s}.json" for s in run.SUITES} | {"machine.json"}
+  machine = json.loads((out / "machine.json").read_text())
+  assert MACHINE_KEYS <= set(machine)
+  assert machine["mode"] == "smoke"
+  assert machine["devices"]
+
+
+@pytest.mark.parametrize("suite", sorted(EXTRA_KEYS))
+def test_suite_json_has_expected_keys(smoke_results, suite):
+  out, _ = smoke_results
+  data = json.loads((out / f"{suite}.json").read_text())
+  assert SUITE_KEYS | EXTRA_KEYS[suite] <= set(data)
+  assert data["suite"] == suite and data["mode"] == "smoke"
+  for table in data["tables"]:
+    assert table["title"] and isinstance(table["rows"], list)
+  for target in data["targets"]:
+    assert TARGET_KEYS <= set(target)
+
+
+def test_smoke_figures_are_sane(smoke_results):
+  out, _ = smoke_results
+  compile_ = json.loads((out / "compile.json").read_text())
+  # schedule values live in the optimizer state: changing them does not recompile
+  assert compile_["recompiled_on_value_change"] is False
+  assert compile_["num_steps_change"]["xla_compiles"] >= 1
+  ttt = json.loads((out / "time_to_target.json").read_text())
+  assert all(r["time_gd_ms"] > 0 and r["time_teleport_ms"] > 0 for r in ttt["rows"])
+  scaling = json.loads((out / "scaling.json").read_text())
+  assert any(r["symmetry"] == "rescaling" and r["grad_ms"] > 0 for r in scaling["rows"])
+
+
+def test_parse_args_modes():
+  from benchmarks import run
+
+  assert not run.parse_args([]).quick
+  args = run.parse_args(["--quick", "--only", "latency", "compile"])
+  assert args.quick and args.only == ["latency", "compile"]
+  with pytest.raises(SystemExit):
+    run.parse_args(["--quick", "--smoke"])
