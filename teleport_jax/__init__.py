@@ -18,13 +18,17 @@ from teleport_jax._src.functions import booth
 from teleport_jax._src.functions import booth_symmetry
 from teleport_jax._src.functions import rosenbrock
 from teleport_jax._src.functions import rosenbrock_symmetry
+from teleport_jax._src.geometry import orbit_curvature
+from teleport_jax._src.geometry import sharpness
 from teleport_jax._src.layouts import MLPLayout
 from teleport_jax._src.layouts import infer_layout
 from teleport_jax._src.linear_gl import LinearGL
 from teleport_jax._src.objectives import Objective
 from teleport_jax._src.objectives import as_objective
 from teleport_jax._src.objectives import grad_norm_sq
+from teleport_jax._src.objectives import hessian_max_eigenvalue
 from teleport_jax._src.objectives import lookahead_loss
+from teleport_jax._src.objectives import stability_constrained
 from teleport_jax._src.rescaling import PositiveRescaling
 from teleport_jax._src.rotation import QuadraticRotation
 from teleport_jax._src.rotation import Rotation
@@ -40,6 +44,8 @@ from teleport_jax._src.solver import default_rtol
 from teleport_jax._src.solver import group_action
 from teleport_jax._src.solver import status_message
 from teleport_jax._src.solver import teleport
+from teleport_jax._src.state_transport import transport_cotangent
+from teleport_jax._src.state_transport import transport_state
 from teleport_jax._src.symmetry import Symmetry
 from teleport_jax._src.transform import TeleportState
 from teleport_jax._src.transform import with_teleport
@@ -75,15 +81,21 @@ __all__ = (
   "first",
   "grad_norm_sq",
   "group_action",
+  "hessian_max_eigenvalue",
   "identity",
   "infer_layout",
   "leaky_relu",
   "lookahead_loss",
+  "orbit_curvature",
   "relu",
   "rosenbrock",
   "rosenbrock_symmetry",
+  "sharpness",
+  "stability_constrained",
   "status_message",
   "tanh",
   "teleport",
+  "transport_cotangent",
+  "transport_state",
   "with_teleport",
 )

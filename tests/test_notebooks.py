@@ -20,6 +20,7 @@ EXPECTED = {
   "02_mlp_regression.ipynb",
   "03_classification.ipynb",
   "04_test_functions_newton.ipynb",
+  "05_beyond_the_seed.ipynb",
 }
 TIMEOUT_S = 600
 

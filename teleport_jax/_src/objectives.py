@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import chex
 import jax
+import jax.flatten_util
+import jax.numpy as jnp
 import optax
 
 LossFn = Callable[..., chex.Array]
@@ -126,6 +128,153 @@ def as_objective(objective: Objective | str | Callable) -> Objective:
   raise TypeError(
     f"objective must be a name, a teleport_jax.Objective or a callable, got "
     f"{type(objective).__name__}."
+  )
+
+
+def hessian_max_eigenvalue(
+  loss_fn: LossFn, params: chex.ArrayTree, data: Any = None, *, num_iterations: int = 20
+) -> chex.Array:
+  r"""The Hessian eigenvalue of largest magnitude, by power iteration.
+
+  Runs ``num_iterations`` Hessian-vector products (forward-over-reverse,
+  :func:`jax.jvp` of :func:`jax.grad`, so the Hessian is never formed) from a
+  fixed pseudo-random unit vector (``jax.random.key(0)``), inside a
+  ``lax.fori_loop``, and returns the Rayleigh quotient :math:`v^\top H v` of
+  the last iterate. It converges to the eigenvalue of largest magnitude (with
+  its sign) from below in magnitude; the rate depends on the gap to the second.
+
+  Gradient descent with step size :math:`\eta` is stable on a quadratic iff
+  :math:`\eta\,|\lambda| < 2` for every eigenvalue :math:`\lambda` of its
+  Hessian (the "sharpness" :math:`\eta\lambda_{\max}`).
+
+  Args:
+    loss_fn: ``loss_fn(params, data) -> scalar`` (``loss_fn(params)`` when
+      ``data`` is ``None``).
+    params: parameter pytree (``n`` parameters in all).
+    data: the batch passed to ``loss_fn``.
+    num_iterations: power iterations (static; at least 1).
+
+  Returns:
+    A scalar of the parameters' dtype.
+
+  Raises:
+    ValueError: if ``num_iterations`` is not a positive integer.
+
+  Examples:
+    >>> import jax.numpy as jnp, teleport_jax as tj
+    >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
+    >>> float(tj.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=50))
+    3.0
+  """
+  if (
+    isinstance(num_iterations, bool) or int(num_iterations) != num_iterations or num_iterations < 1
+  ):
+    raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}.")
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  grad_fn = jax.grad(lambda p: call_loss(loss_fn, p, data))
+  tiny = jnp.finfo(flat.dtype).tiny
+
+  def hvp(v):
+    return jax.flatten_util.ravel_pytree(jax.jvp(grad_fn, (params,), (unravel(v),))[1])[0]
+
+  def body(_, carry):
+    v, _ = carry
+    hv = hvp(v)
+    return hv / jnp.maximum(jnp.linalg.norm(hv), tiny), jnp.vdot(v, hv)
+
+  v0 = jax.random.normal(jax.random.key(0), flat.shape, flat.dtype)
+  v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), tiny)
+  _, lam = jax.lax.fori_loop(0, int(num_iterations), body, (v0, jnp.zeros((), flat.dtype)))
+  return lam
+
+
+@dataclasses.dataclass(frozen=True)
+class _StabilityConstrained:
+  """``fn`` of :func:`stability_constrained`; hashable by value."""
+
+  objective: Objective
+  learning_rate: float
+  threshold: float
+  num_iterations: int
+
+  def __call__(self, loss_fn, params, data):
+    value, loss = evaluate(self.objective, loss_fn, params, data)
+    # The constraint only selects points; it is not differentiated (no third derivatives).
+    lam = hessian_max_eigenvalue(
+      loss_fn, jax.lax.stop_gradient(params), data, num_iterations=self.num_iterations
+    )
+    feasible = self.learning_rate * jnp.abs(lam) <= self.threshold
+    worst = -jnp.inf if self.objective.maximize else jnp.inf
+    return jnp.where(feasible, value, jnp.asarray(worst, jnp.result_type(value))), loss
+
+
+def stability_constrained(
+  objective: Objective | str | Callable,
+  learning_rate: float,
+  *,
+  threshold: float = 2.0,
+  num_iterations: int = 20,
+) -> Objective:
+  r"""``objective`` restricted to points where a step of ``learning_rate`` is stable.
+
+  The value is ``objective``'s wherever
+  :math:`\eta\,|\lambda_{\max}(H(g\cdot w))| \le` ``threshold`` (with
+  :math:`\lambda_{\max}` from :func:`hessian_max_eigenvalue`) and the worst
+  possible value (:math:`-\infty` when maximised, :math:`+\infty` when
+  minimised) elsewhere. The solver's safeguard (``safeguard=True``, the
+  default) keeps an inner step only if the objective improves and stays
+  finite, so a teleport that starts at a feasible point never moves to a point
+  that breaks the bound; one that starts above the bound does not move at all
+  (``info.objective_before`` is then infinite). With ``safeguard=False`` the
+  bound is not enforced.
+
+  Teleports can raise the curvature a lot: maximising :math:`\|\nabla L\|^2`
+  steepens the level set until a fixed step overshoots, and a few-step
+  :func:`lookahead_loss` does not see an unstable direction that the gradient
+  barely excites yet, so a schedule of repeated teleports can end in a
+  non-finite loss. Constraining either objective keeps the optimizer's next
+  steps stable at every teleported point.
+
+  The default ``threshold=2`` is the stability limit of plain gradient descent
+  (:math:`\eta\lambda < 2`); choose less for a margin, :math:`2(1+\beta)` for
+  heavy-ball momentum :math:`\beta`. For a learning-rate schedule pass its
+  largest value: a bound that holds for the largest step holds for smaller ones.
+  Each evaluation costs ``num_iterations`` Hessian-vector products on top of
+  ``objective``.
+
+  Args:
+    objective: the objective to constrain (anything :func:`as_objective` accepts).
+    learning_rate: the step size of the optimizer that runs after the teleport.
+    threshold: the bound on ``learning_rate * |lambda_max|``.
+    num_iterations: power iterations per evaluation.
+
+  Returns:
+    An :class:`Objective` that optimises in the same direction as ``objective``.
+
+  Raises:
+    ValueError: for a non-positive ``learning_rate`` or ``threshold`` or a
+      non-positive ``num_iterations``.
+
+  Examples:
+    >>> import teleport_jax as tj
+    >>> obj = tj.stability_constrained(tj.lookahead_loss(1e-4, 5), 1e-4)
+    >>> obj.maximize, obj.name
+    (False, 'stability_constrained(lookahead_loss(lr=0.0001, steps=5), lr*|lambda|<=2)')
+  """
+  objective = as_objective(objective)
+  if not learning_rate > 0:
+    raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
+  if not threshold > 0:
+    raise ValueError(f"threshold must be positive, got {threshold}.")
+  if (
+    isinstance(num_iterations, bool) or int(num_iterations) != num_iterations or num_iterations < 1
+  ):
+    raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}.")
+  lr, t, k = float(learning_rate), float(threshold), int(num_iterations)
+  return Objective(
+    _StabilityConstrained(objective, lr, t, k),
+    objective.maximize,
+    f"stability_constrained({objective.name}, lr*|lambda|<={t:g})",
   )
 
 

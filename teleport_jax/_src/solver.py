@@ -240,9 +240,16 @@ def teleport_with_grad(
   safeguard,
   max_step_size,
   rtol,
+  compose=None,
 ):
   """Like :func:`teleport` (no validation) and also returns the loss gradient at
-  the returned parameters, which an optimizer step after the teleport needs."""
+  the returned parameters, which an optimizer step after the teleport needs.
+
+  With ``compose`` (``compose(g1, g2)`` -> the element acting as ``g1`` then
+  ``g2``), the accepted inner steps are also multiplied into one group element
+  ``g``, the candidate is ``act(params, g)`` and ``g`` (the identity if the
+  teleport is rejected) is returned as a fourth value, so that optimizer state
+  can be moved with the same element."""
   objective = obj_lib.as_objective(objective)
   dtype = _params_dtype(params)
   rtol = default_rtol(dtype) if rtol is None else rtol
@@ -262,7 +269,7 @@ def teleport_with_grad(
     """Signed objective at ``w`` and its gradient on the algebra at zero."""
 
     def j(xi):
-      moved = symmetry.act(w, symmetry.retract(xi), data)
+      moved = symmetry.act_linearized(w, xi, data)  # first order suffices at xi = 0
       value, loss = obj_lib.evaluate(objective, loss_fn, moved, data)
       return sign * value, (value, loss)
 
@@ -278,6 +285,7 @@ def teleport_with_grad(
     grad: Any
     eta: chex.Array
     accepted: chex.Array
+    g: Any = None  # the product of the accepted steps (only with ``compose``)
 
   # Iteration 0 only evaluates the objective at ``params`` (so the objective's
   # gradient graph is traced and compiled once, not twice); iterations
@@ -287,8 +295,10 @@ def teleport_with_grad(
     gnorm = optax.tree.norm(c.grad)
     scale = c.eta / jnp.maximum(gnorm, jnp.finfo(dtype).tiny) if normalize else c.eta
     xi = optax.tree.scale(scale, c.grad)
-    moved = symmetry.act(c.w, symmetry.retract(xi), data)
+    step = symmetry.retract(xi)
+    moved = symmetry.act(c.w, step, data)
     cand = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), c.w, moved)
+    g_cand = None if compose is None else compose(c.g, step)
     jv, value, loss, g = j_and_grad(cand)
     finite = (
       jnp.isfinite(jv)
@@ -302,7 +312,7 @@ def teleport_with_grad(
       # require an improvement beyond rounding, so drift does not creep up
       improved = jv > c.jv + 4 * jnp.finfo(dtype).eps * jnp.abs(c.jv)
       ok = first | (ok & improved & (drift <= rtol))
-    new = Carry(cand, jv, value, c.value0, g, c.eta, c.accepted + jnp.where(first, 0, 1))
+    new = Carry(cand, jv, value, c.value0, g, c.eta, c.accepted + jnp.where(first, 0, 1), g_cand)
     kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
     kept = kept._replace(value0=jnp.where(first, value, c.value0).astype(c.value0.dtype))
     if safeguard:
@@ -319,6 +329,7 @@ def teleport_with_grad(
     grad=symmetry.algebra_zeros(params),
     eta=jnp.asarray(step_size, dtype),
     accepted=jnp.zeros((), jnp.int32),
+    g=None if compose is None else symmetry.identity(params),
   )
   if num_steps == 0:
     out = init._replace(
@@ -328,7 +339,7 @@ def teleport_with_grad(
   else:
     out = jax.lax.fori_loop(0, num_steps + 1, body, init)
 
-  cand = out.w
+  cand = out.w if compose is None else symmetry.act(params, out.g, data)
   loss1, grads1 = jax.value_and_grad(loss_of)(cand)
   gnorm1 = optax.tree.vdot(grads1, grads1)
   drift = jnp.abs(loss1 - loss0) / loss_scale
@@ -360,7 +371,10 @@ def teleport_with_grad(
     num_accepted_steps=out.accepted,
     final_step_size=out.eta,
   )
-  return new_params, info, grads
+  if compose is None:
+    return new_params, info, grads
+  g_out = jax.tree_util.tree_map(pick, out.g, symmetry.identity(params))
+  return new_params, info, grads, g_out
 
 
 _teleport_jit = jax.jit(

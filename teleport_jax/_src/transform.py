@@ -16,9 +16,11 @@ import optax
 from teleport_jax._src import objectives as obj_lib
 from teleport_jax._src import schedules as sched_lib
 from teleport_jax._src import solver
+from teleport_jax._src import state_transport
 from teleport_jax._src import symmetry as sym_lib
 
-StatePolicy = Literal["keep", "reset"]
+StatePolicy = Literal["keep", "reset", "transport"]
+STATE_POLICIES = ("keep", "reset", "transport")
 
 
 class TeleportState(NamedTuple):
@@ -104,6 +106,17 @@ def with_teleport(
   * ``"reset"``: the state is re-initialised at the teleported point (as the
     published ICLR 2024 code does by rebuilding the optimizer), so e.g. Adam's
     bias correction restarts.
+  * ``"transport"``: the state is moved with the group element, by
+    :func:`teleport_jax.transport_state`: momentum and first moments are
+    transported as cotangents (exactly: the gradient at ``w`` maps to the
+    gradient at ``w'``); second moments (Adam/RMSProp ``nu``, AdaGrad
+    ``sum_of_squares``) are rescaled exactly for
+    :class:`~teleport_jax.PositiveRescaling` and kept for the GL groups, which
+    mix coordinates. The teleport then also accumulates its inner steps into one
+    group element ``g`` and moves to ``w' = g . w`` (for the data-free groups the
+    same point up to rounding; for :class:`~teleport_jax.DataDependentGL` a point
+    with the same features on the batch). Supported for ``PositiveRescaling``,
+    ``LinearGL`` and ``DataDependentGL``.
 
   Place clipping or other gradient transforms *inside* (``with_teleport(
   optax.chain(optax.clip_by_global_norm(1.), optax.adam(1e-3)), ...)``) so they
@@ -118,7 +131,7 @@ def with_teleport(
       counts, or :func:`every`, :func:`at_steps`, :func:`first`.
     objective, num_steps, step_size, normalize, safeguard, max_step_size, rtol:
       passed to :func:`teleport_jax.teleport`.
-    state_policy: ``"keep"`` or ``"reset"``.
+    state_policy: ``"keep"``, ``"reset"`` or ``"transport"``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -144,8 +157,11 @@ def with_teleport(
     )
   if not isinstance(symmetry, sym_lib.Symmetry):
     raise TypeError(f"symmetry must be a teleport_jax symmetry, got {type(symmetry).__name__}.")
-  if state_policy not in ("keep", "reset"):
-    raise ValueError(f"state_policy must be 'keep' or 'reset', got {state_policy!r}.")
+  if state_policy not in STATE_POLICIES:
+    raise ValueError(
+      f"state_policy must be one of {', '.join(map(repr, STATE_POLICIES))}, got {state_policy!r}."
+    )
+  compose = state_transport.composer(symmetry) if state_policy == "transport" else None
   schedule = sched_lib.as_schedule(schedule)
   objective = obj_lib.as_objective(objective)
   optimizer = optax.with_extra_args_support(optimizer)
@@ -190,7 +206,12 @@ def with_teleport(
     solver._validate(loss_fn, params, data, symmetry, num_steps, step_size, max_step_size, rtol)
 
     def teleport_branch(_):
-      new_params, info, grads = solver.teleport_with_grad(loss_fn, params, data, **kwargs)
+      if compose is None:
+        new_params, info, grads = solver.teleport_with_grad(loss_fn, params, data, **kwargs)
+      else:
+        new_params, info, grads, g = solver.teleport_with_grad(
+          loss_fn, params, data, compose=compose, **kwargs
+        )
       grads = jax.tree_util.tree_map(
         lambda a, b: jnp.where(info.accepted, a, b).astype(jnp.asarray(b).dtype), grads, updates
       )
@@ -198,6 +219,13 @@ def with_teleport(
       if state_policy == "reset":
         fresh = optimizer.init(new_params)
         inner = jax.tree_util.tree_map(lambda a, b: jnp.where(info.accepted, a, b), fresh, inner)
+      elif state_policy == "transport":
+        moved = state_transport.transport_state(
+          inner, params, new_params, g, symmetry=symmetry, data=data
+        )
+        inner = jax.tree_util.tree_map(
+          lambda a, b: jnp.where(info.accepted, a, b).astype(jnp.asarray(b).dtype), moved, inner
+        )
       info = jax.tree_util.tree_map(
         lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, state.info
       )

@@ -27,6 +27,8 @@ EXPERIMENTS = {
   "classification": "classification",
   "test_functions": "functions2d",
   "newton": "newton",
+  "optimizers": "optimizers",
+  "generalization": "generalization",
 }
 
 

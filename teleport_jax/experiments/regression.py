@@ -17,7 +17,17 @@ steps of size 1e-7 for GD, 2 of 1e-5 for AdaGrad, objective max |grad|^2) and
 no loss check, so the per-teleport loss change it causes can be read next to
 ours. ``gd_teleport_max_grad_norm`` is the exact action with the paper's
 objective (10 normalised steps): it shows what maximising the gradient norm
-does to GD with a fixed step size.
+does to GD with a fixed step size; ``gd_teleport_max_grad_norm_safe`` is the
+same under :func:`teleport_jax.stability_constrained` (every inner step keeps
+``lr * |lambda_max(H)| <= 2``).
+
+``gd_teleport_every20`` teleports every 20 epochs (5, 25, ..., 285) with the
+stability-constrained lookahead objective. Unconstrained, such a schedule is
+fragile: later teleports, taken when GD already runs near the edge of
+stability, can buy a 1-2 % lower lookahead loss with a point where
+``lr * lambda_max`` is 20x the stability limit, which a 5-step lookahead
+does not see (the unstable direction is barely excited yet) and GD then
+diverges on.
 """
 
 from __future__ import annotations
@@ -36,12 +46,21 @@ GD_LR = 1e-4
 ADAGRAD_LR = 1e-1
 TELEPORT_EPOCH = 5
 REPEATED_SCHEDULE = (5, 25, 45)
+EVERY = 20  # period of gd_teleport_every20 (epochs 5, 25, 45, ...)
 EPOCH_OF_INTEREST = 50
 
-METHODS = ("gd", "gd_teleport", "adagrad", "adagrad_teleport", "gd_teleport_repeated")
+METHODS = (
+  "gd",
+  "gd_teleport",
+  "adagrad",
+  "adagrad_teleport",
+  "gd_teleport_repeated",
+  "gd_teleport_every20",
+)
 PUBLISHED = ("gd_teleport_published", "adagrad_teleport_published")
 # Comparison: the exact action with the paper's objective (max |grad|^2), 10 normalised steps.
-ABLATIONS = ("gd_teleport_max_grad_norm",)
+# ... and the same with the stability constraint (lr * |lambda_max(H)| <= 2 at every inner step).
+ABLATIONS = ("gd_teleport_max_grad_norm", "gd_teleport_max_grad_norm_safe")
 COMPARISONS = PUBLISHED + ABLATIONS
 
 
@@ -103,12 +122,23 @@ def make_optimizer(method: str) -> optax.GradientTransformation:
       objective=tj.lookahead_loss(GD_LR, 5),
       **ours,
     )
-  if method == "gd_teleport_max_grad_norm":
+  if method == "gd_teleport_every20":
+    return tj.with_teleport(
+      optax.sgd(GD_LR),
+      exact,
+      tj.every(EVERY, start=TELEPORT_EPOCH),
+      objective=tj.stability_constrained(tj.lookahead_loss(GD_LR, 5), GD_LR),
+      **ours,
+    )
+  if method in ("gd_teleport_max_grad_norm", "gd_teleport_max_grad_norm_safe"):
+    objective = tj.grad_norm_sq()
+    if method.endswith("_safe"):
+      objective = tj.stability_constrained(objective, GD_LR)
     return tj.with_teleport(
       optax.sgd(GD_LR),
       exact,
       [TELEPORT_EPOCH],
-      objective="max_grad_norm",
+      objective=objective,
       num_steps=10,
       step_size=0.1,
     )
@@ -174,6 +204,8 @@ def run_method(method: str, seeds, epochs: int, progress=None):
 def _teleport_epochs(method, epochs):
   if method == "gd_teleport_repeated":
     return [e for e in REPEATED_SCHEDULE if e < epochs]
+  if method == "gd_teleport_every20":
+    return list(range(TELEPORT_EPOCH, epochs, EVERY))
   if "teleport" in method:
     return [TELEPORT_EPOCH] if TELEPORT_EPOCH < epochs else []
   return []
@@ -204,6 +236,7 @@ def run(config: common.RunConfig, progress=None) -> dict:
       compile_time_s=float(np.mean(r["compile_s"])),
       n_seeds=len(seeds),
       epochs=epochs,
+      final_loss_per_seed=common.finite_list(r["losses"][:, -1]),
     )
     if "teleport" in m:
       all_drifts = [d for ds in r["drifts"] for d in ds]
@@ -229,6 +262,7 @@ def run(config: common.RunConfig, progress=None) -> dict:
     ),
     runs=runs,
     targets=_targets(runs, epochs),
+    notes=_notes(runs, epochs),
   )
   summary["table"] = _table(runs, epochs)
   return summary
@@ -262,7 +296,32 @@ def _targets(runs, epochs):
         if factor > 1
         else _at(runs[ours_m], epoch) < _at(runs[base], epoch)
       )
+  if "gd_teleport_every20" in runs and "gd" in runs:
+    out["gd_teleport_every20_below_gd_every_seed"] = all(
+      a is not None and b is not None and a < b
+      for a, b in zip(
+        runs["gd_teleport_every20"]["final_loss_per_seed"], runs["gd"]["final_loss_per_seed"]
+      )
+    )
   return out
+
+
+def _notes(runs, epochs):
+  """Per-seed final losses of the repeated teleports next to GD's, and non-finite runs."""
+  notes = []
+  if "gd" in runs:
+    gd = runs["gd"]["final_loss_per_seed"]
+    fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
+    for m in ("gd_teleport_repeated", "gd_teleport_every20"):
+      if m in runs:
+        pairs = ", ".join(
+          f"{fmt(a)} vs {fmt(b)}" for a, b in zip(runs[m]["final_loss_per_seed"], gd)
+        )
+        notes.append(f"final loss (epoch {epochs - 1}) per seed, {m} vs gd: {pairs}.")
+  for m, r in runs.items():
+    if r.get("nonfinite_runs"):
+      notes.append(f"{m}: {r['nonfinite_runs']} of {r['n_seeds']} runs reached a non-finite loss.")
+  return notes
 
 
 def _table(runs, epochs):
@@ -326,6 +385,7 @@ def _plot(results, config):
     "adagrad_teleport",
     "adagrad_teleport_published",
     "gd_teleport_max_grad_norm",
+    "gd_teleport_max_grad_norm_safe",
   )
   for m in (m for m in exact_vs_published if m in results):
     mean, _ = common.mean_std(results[m]["losses"])
