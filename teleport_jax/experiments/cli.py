@@ -62,7 +62,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n")[0])
   parser.add_argument(
-    "--quick", action="store_true", help="reduced seeds/epochs (under 2 minutes on 2 CPU cores)"
+    "--quick", action="store_true", help="reduced seeds/epochs (about 2 minutes on 2 CPU cores)"
   )
   parser.add_argument("--out", type=Path, default=Path("runs"), help="output directory")
   parser.add_argument(

@@ -18,7 +18,7 @@ class RunConfig:
   """What the ``reproduce`` command was asked to do.
 
   Attributes:
-    quick: reduced seeds/epochs (under 2 minutes on 2 CPU cores in total).
+    quick: reduced seeds/epochs (about 2 minutes on 2 CPU cores in total).
     out_dir: where plots and ``summary.json`` go.
     data_dir: directory with MNIST IDX files (optional).
   """
