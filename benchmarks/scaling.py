@@ -570,8 +570,9 @@ def _diagnosis(rows, pieces, protos) -> list[str]:
     total = sum(p["ms_per_step"] for p in lin)
     grad_ms = ps[0]["ms"] / ps[0]["per_grad"]
     notes.append(
-      f"width {w}, depth {d}, batch {b}: the action's LAPACK work per inner step (2 x pinv, "
-      f"2 x Cayley, 2 x solve; forward only) takes {total:.1f} ms = {total / grad_ms:.1f} "
+      f"width {w}, depth {d}, batch {b}: the action's LAPACK work per inner step ("
+      + ", ".join(f"{p['calls_per_step']} x {p['piece']}" for p in lin)
+      + f"; forward only) takes {total:.1f} ms = {total / grad_ms:.1f} "
       f"gradient evaluations; largest: {top['piece']} ({top['calls_per_step']} x {top['ms']:.2f} ms)."
     )
   by_point = {}
