@@ -235,6 +235,9 @@ class DataDependentGL(symmetry.Symmetry):
       return tuple(2 * jnp.eye(a.shape[0], dtype=a.dtype) - a for a in g)
     return symmetry.batched_over_equal_shapes(jnp.linalg.inv, g)
 
+  def compose(self, g1, g2):  # features h -> h A1 -> h A1 A2
+    return tuple(a @ b for a, b in zip(g1, g2))
+
   def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
     layout = self._layout(params)
     kernels, biases = layout.get(params)

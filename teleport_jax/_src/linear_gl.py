@@ -56,6 +56,9 @@ class LinearGL(symmetry.Symmetry):
   def inverse(self, g):
     return symmetry.batched_over_equal_shapes(jnp.linalg.inv, g)
 
+  def compose(self, g1, g2):  # features h -> h A1 -> h A1 A2
+    return tuple(a @ b for a, b in zip(g1, g2))
+
   def validate(self, params, data=None):
     del data
     self._layout(params).get(params)

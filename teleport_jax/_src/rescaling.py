@@ -37,6 +37,7 @@ class PositiveRescaling(symmetry.Symmetry):
   activation: Any = struct.field(pytree_node=False, default=None)
 
   needs_data = False
+  diagonal_transport = True
 
   def __post_init__(self):
     if self.activation is not None:
@@ -59,6 +60,9 @@ class PositiveRescaling(symmetry.Symmetry):
 
   def inverse(self, g):
     return tuple(1.0 / s for s in g)
+
+  def compose(self, g1, g2):
+    return tuple(a * b for a, b in zip(g1, g2))
 
   def validate(self, params, data=None):
     del data

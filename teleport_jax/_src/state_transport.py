@@ -36,9 +36,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import data_gl
-from teleport_jax._src import linear_gl
-from teleport_jax._src import rescaling
 from teleport_jax._src import symmetry as sym_lib
 
 # optax state types and their fields that hold running sums of gradients
@@ -58,29 +55,19 @@ SECOND_MOMENT_FIELDS: dict[type, tuple[str, ...]] = {
 
 
 def composer(symmetry: sym_lib.Symmetry) -> Callable[[Any, Any], Any]:
-  """``compose(g1, g2)``: the group element that acts as ``g1`` and then ``g2``.
-
-  Supported: :class:`~teleport_jax.PositiveRescaling` (elementwise product of
-  the scale vectors), :class:`~teleport_jax.LinearGL` and
-  :class:`~teleport_jax.DataDependentGL` (matrix product ``A1 @ A2``: features
-  ``h -> h A1 -> h A1 A2``).
+  """``symmetry.compose``, checked: the element that acts as ``g1`` and then ``g2``.
 
   Raises:
-    ValueError: for other symmetries.
+    ValueError: for symmetries that do not implement
+      :meth:`~teleport_jax.Symmetry.compose` (PositiveRescaling, LinearGL and
+      DataDependentGL do).
   """
-  if isinstance(symmetry, rescaling.PositiveRescaling):
-    return lambda g1, g2: tuple(a * b for a, b in zip(g1, g2))
-  if isinstance(symmetry, (linear_gl.LinearGL, data_gl.DataDependentGL)):
-    return lambda g1, g2: tuple(a @ b for a, b in zip(g1, g2))
-  raise ValueError(
-    "symmetry: moving optimizer state is implemented for PositiveRescaling, LinearGL "
-    f"and DataDependentGL, got {type(symmetry).__name__}."
-  )
-
-
-def is_diagonal(symmetry: sym_lib.Symmetry) -> bool:
-  """Whether the cotangent transport of ``symmetry`` is elementwise (diagonal)."""
-  return isinstance(symmetry, rescaling.PositiveRescaling)
+  if type(symmetry).compose is sym_lib.Symmetry.compose:
+    raise ValueError(
+      "symmetry: moving optimizer state is implemented for PositiveRescaling, LinearGL "
+      f"and DataDependentGL, got {type(symmetry).__name__}."
+    )
+  return symmetry.compose
 
 
 def _cast_like(tree, like):
@@ -202,7 +189,7 @@ def transport_state(
     >>> (moved[0].nu[1] / state[0].nu[1]).tolist()
     [[4.0, 1.0, 0.25]]
   """
-  diagonal = is_diagonal(symmetry)
+  diagonal = symmetry.diagonal_transport
   if diagonal:
     ones = jax.tree_util.tree_map(jnp.ones_like, params)
     factor = transport_cotangent(ones, params, new_params, g, symmetry=symmetry, data=data)

@@ -36,6 +36,8 @@ class Symmetry(abc.ABC):
   """Abstract base class of a symmetry group acting on parameters."""
 
   needs_data: bool = False
+  # whether the cotangent transport of an element is elementwise (a diagonal map)
+  diagonal_transport: bool = False
 
   @abc.abstractmethod
   def algebra_zeros(self, params: chex.ArrayTree) -> AlgebraElement:
@@ -81,6 +83,15 @@ class Symmetry(abc.ABC):
     Default: ``act(params, retract(xi), data)``.
     """
     return self.act(params, self.retract(xi), data)
+
+  def compose(self, g1: GroupElement, g2: GroupElement) -> GroupElement:
+    """The element that acts as ``g1`` and then ``g2``.
+
+    Raises:
+      NotImplementedError: for groups that do not define it (the teleport
+        solver then cannot return the product of its steps).
+    """
+    raise NotImplementedError(f"{type(self).__name__} does not implement compose.")
 
   def validate(self, params: chex.ArrayTree, data: Any = None) -> None:
     """Raises ``ValueError``/``TypeError`` if ``params``/``data`` do not fit."""

@@ -242,15 +242,21 @@ def _train(params, epoch_fn, learning_rate, x, y, key, first, last, on_epoch=Non
   return params
 
 
-def teleport_study(ds, s: Settings, progress) -> dict:
-  """Study 1; returns per-method, per-seed records."""
+def _arrays(ds, s: Settings):
+  """Training, validation and measuring ``(x, y)`` pairs, and the layer widths."""
   x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   x_va, y_va = jnp.asarray(ds.x_val), jnp.asarray(ds.y_val)
-  x_m, y_m = x_tr[: s.measure_size], y_tr[: s.measure_size]
+  measuring = (x_tr[: s.measure_size], y_tr[: s.measure_size])
+  widths = (ds.num_features, s.hidden, s.hidden, ds.num_classes)
+  return (x_tr, y_tr), (x_va, y_va), measuring, widths
+
+
+def teleport_study(ds, s: Settings, progress) -> dict:
+  """Study 1; returns per-method, per-seed records."""
+  (x_tr, y_tr), (x_va, y_va), (x_m, y_m), widths = _arrays(ds, s)
   n = len(ds.y_train)
   batch_size = min(s.batch_size, n)
   steps = n // batch_size
-  widths = (ds.num_features, s.hidden, s.hidden, ds.num_classes)
   epoch_fn = _epoch_fn(batch_size, steps)
   teleport = make_teleport(s)
   measure = make_measure(s)
@@ -323,11 +329,8 @@ def teleport_study(ds, s: Settings, progress) -> dict:
 
 def correlation_study(ds, s: Settings, progress) -> dict:
   """Study 2; returns one record per trained minimum."""
-  x_tr, y_tr = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  x_va, y_va = jnp.asarray(ds.x_val), jnp.asarray(ds.y_val)
-  x_m, y_m = x_tr[: s.measure_size], y_tr[: s.measure_size]
+  (x_tr, y_tr), (x_va, y_va), (x_m, y_m), widths = _arrays(ds, s)
   n = len(ds.y_train)
-  widths = (ds.num_features, s.hidden, s.hidden, ds.num_classes)
   measure = make_measure(s)
   act = jax.jit(lambda p, xi: SYMMETRY.act(p, SYMMETRY.exp(xi)))
   minima = []

@@ -28,13 +28,11 @@ under the GL action). The measure is the final training loss, mean and standard
 deviation over seeds.
 
 Measured (see the README for the tables): transporting momentum on the
-regression problem diverges. The transport is exact (relative error 4e-6 in
-float32 against the gradient at the teleported point), but after 5 steps from
-the published initialisation (loss ~5e3) the momentum is dominated by the
-first, huge gradients (norm 2.7e3 for seed 0, while the current gradient is
-3.9), and the teleport stretches exactly those directions: the transported
-momentum has norm 1.0e6 (the gradient at the new point: 2.0e2), and the next
-step overshoots. ``keep`` carries the small old-coordinate momentum instead.
+regression problem diverges. The transport is exact (the transported momentum
+equals the gradient at the teleported point, see the tests), but after 5 steps
+from the published initialisation the momentum is dominated by the first,
+huge gradients, and the teleport stretches exactly those directions, so the
+next step overshoots. ``keep`` carries the small old-coordinate momentum instead.
 
 Learning rates (``LEARNING_RATES``) were tuned once per optimizer *without*
 teleport (:func:`tune` reproduces the search): on a grid of half-decades
