@@ -243,18 +243,37 @@ The look-ahead objective sees only the next 5 steps; it does not guarantee
 that the loss keeps falling after them (with the second teleport at step 20
 instead of 50 we saw transient loss spikes after it).
 
-## A teleport that would change the loss is rejected
+## A group that is not a symmetry is refused; a teleport that would change the loss is rejected
 
-`LinearGL` is only a symmetry of *linear* networks. Used on this LeakyReLU
-network, its "teleport" changes the loss. With `safeguard=False` the inner
-steps are taken regardless (with the safeguard they would be refused one by
-one and the solver would not move); the final check then rejects the
-candidate, the original parameters come back unchanged and the info record
+`LinearGL` is only a symmetry of *linear* networks. Before teleporting, the
+driver checks numerically that the loss does not change to first order along
+random generators of the group (at the parameters and at a perturbed copy).
+On this LeakyReLU network the check fails: called eagerly, `tj.teleport`
+raises a `ValueError` that names the layers and the likely cause; with
+`throw=False` (or under `jit`) it returns the original parameters with status
+`NOT_A_SYMMETRY`.
+"""),
+  code("""
+try:
+    tj.teleport(loss_on_batch, params, (x, y), symmetry=tj.LinearGL(), num_steps=3)
+except ValueError as err:
+    print("ValueError:", str(err)[:300], "...")
+refused, info = tj.teleport(
+    loss_on_batch, params, (x, y), symmetry=tj.LinearGL(), num_steps=3, throw=False
+)
+print(tj.TeleportStatus(int(info.status)).name, "-", tj.status_message(info.status))
+print(f"symmetry check: first-order relative loss change {info.symmetry_error:.2g}")
+"""),
+  md("""
+With the check and the safeguard turned off (`check=False, safeguard=False`)
+the inner steps are taken regardless; the final check then rejects the
+candidate, the original parameters come back bit for bit and the info record
 says why.
 """),
   code("""
 rejected_params, info = tj.teleport(
-    loss_on_batch, params, (x, y), symmetry=tj.LinearGL(), num_steps=3, safeguard=False
+    loss_on_batch, params, (x, y), symmetry=tj.LinearGL(), num_steps=3,
+    safeguard=False, check=False,
 )
 print("accepted:", bool(info.accepted), "-", tj.status_message(info.status))
 print(f"relative loss drift of the candidate: {info.rel_loss_drift:.2e}")

@@ -4,6 +4,7 @@ Exact symmetry actions on parameter pytrees, a jit-compiled teleport solver
 and an optax transformation that teleports on a schedule.
 """
 
+from teleport_jax._src import groups
 from teleport_jax._src.activations import Activation
 from teleport_jax._src.activations import as_activation
 from teleport_jax._src.activations import asinh
@@ -11,7 +12,10 @@ from teleport_jax._src.activations import identity
 from teleport_jax._src.activations import leaky_relu
 from teleport_jax._src.activations import relu
 from teleport_jax._src.activations import tanh
+from teleport_jax._src.backends import Lie
+from teleport_jax._src.backends import Solver
 from teleport_jax._src.data_gl import DataDependentGL
+from teleport_jax._src.data_gl import PublishedDataDependentGL
 from teleport_jax._src.data_gl import default_get_inputs
 from teleport_jax._src.functions import RosenbrockRotation
 from teleport_jax._src.functions import booth
@@ -24,10 +28,12 @@ from teleport_jax._src.layouts import MLPLayout
 from teleport_jax._src.layouts import infer_layout
 from teleport_jax._src.linear_gl import LinearGL
 from teleport_jax._src.objectives import Objective
+from teleport_jax._src.objectives import ObjectiveContext
 from teleport_jax._src.objectives import as_objective
 from teleport_jax._src.objectives import grad_norm_sq
 from teleport_jax._src.objectives import hessian_max_eigenvalue
 from teleport_jax._src.objectives import lookahead_loss
+from teleport_jax._src.objectives import optimizer_lookahead
 from teleport_jax._src.objectives import stability_constrained
 from teleport_jax._src.rescaling import PositiveRescaling
 from teleport_jax._src.rotation import QuadraticRotation
@@ -38,12 +44,20 @@ from teleport_jax._src.schedules import as_schedule
 from teleport_jax._src.schedules import at_steps
 from teleport_jax._src.schedules import every
 from teleport_jax._src.schedules import first
+from teleport_jax._src.sites import Product
+from teleport_jax._src.sites import Site
+from teleport_jax._src.sites import SiteSymmetry
+from teleport_jax._src.sites import Slot
+from teleport_jax._src.sites import product
+from teleport_jax._src.solver import TeleportConfig
+from teleport_jax._src.solver import TeleportError
 from teleport_jax._src.solver import TeleportInfo
 from teleport_jax._src.solver import TeleportStatus
 from teleport_jax._src.solver import default_rtol
 from teleport_jax._src.solver import group_action
 from teleport_jax._src.solver import status_message
 from teleport_jax._src.solver import teleport
+from teleport_jax._src.stability import Stability
 from teleport_jax._src.state_transport import transport_cotangent
 from teleport_jax._src.state_transport import transport_state
 from teleport_jax._src.symmetry import Symmetry
@@ -54,6 +68,20 @@ __version__ = "0.1.0"
 
 __all__ = (
   "Activation",
+  "Lie",
+  "ObjectiveContext",
+  "Product",
+  "PublishedDataDependentGL",
+  "Site",
+  "SiteSymmetry",
+  "Slot",
+  "Solver",
+  "Stability",
+  "TeleportConfig",
+  "TeleportError",
+  "groups",
+  "optimizer_lookahead",
+  "product",
   "AtSteps",
   "DataDependentGL",
   "LinearGL",

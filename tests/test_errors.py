@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_solver import loss
@@ -57,13 +58,21 @@ def test_unknown_activation_and_objective_names():
     tj.leaky_relu(0.0)
 
 
-def test_non_finite_params_or_data():
+def test_non_finite_params_or_data_give_the_same_rejection_eagerly_and_under_jit():
   params, data = published_problem(0)
   bad = [params[0].at[1, 2].set(jnp.inf)] + params[1:]
-  with pytest.raises(ValueError, match=r"params contains non-finite values at \[0\]"):
-    tj.teleport(loss, bad, data, symmetry=SYM)
-  with pytest.raises(ValueError, match="data contains non-finite values"):
-    tj.teleport(loss, params, (data[0].at[0, 0].set(jnp.nan), data[1]), symmetry=SYM)
+  bad_data = (data[0].at[0, 0].set(jnp.nan), data[1])
+  run = lambda p, d: tj.teleport(loss, p, d, symmetry=SYM, num_steps=2)  # noqa: E731
+  for p, d in ((bad, data), (params, bad_data)):
+    eager_p, eager_i = run(p, d)
+    jit_p, jit_i = jax.jit(run)(p, d)
+    for i in (eager_i, jit_i):
+      assert int(i.status) == tj.TeleportStatus.NONFINITE_INPUT and not bool(i.accepted)
+    for a, b, c in zip(eager_p, jit_p, p):
+      np.testing.assert_array_equal(a, c)
+      np.testing.assert_array_equal(b, c)
+  with pytest.raises(tj.TeleportError, match="NONFINITE_INPUT"):
+    tj.teleport(loss, bad, data, symmetry=SYM, num_steps=2, throw=True)
 
 
 def test_missing_data_for_data_dependent_action():

@@ -129,7 +129,8 @@ def test_teleport_starting_above_the_bound_does_not_move():
   new, info = tj.teleport(
     _data_loss, params, data, symmetry=regression.symmetry(), objective=objective, num_steps=10
   )
-  assert int(info.num_accepted_steps) == 0 and bool(info.accepted)
+  assert int(info.num_accepted_steps) == 0 and not bool(info.accepted)
+  assert int(info.status) == tj.TeleportStatus.UNSTABLE  # nothing moved, and why
   assert float(info.objective_before) == np.inf
   for a, b in zip(new, params):
     np.testing.assert_array_equal(a, b)
@@ -147,6 +148,7 @@ def _train(objective, seeds, epochs=60, period=20, num_steps=10):
       objective=objective,
       num_steps=num_steps,
       step_size=0.1,
+      stability=False,  # only the objective's own constraint, if any
     )
   step = common.make_train_step(opt, regression.loss_fn)
   finals = []

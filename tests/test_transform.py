@@ -47,18 +47,23 @@ def train(opt, params, data, steps):
 def test_chain_with_common_optimizers_teleports_on_schedule_under_jit(make_opt, lr):
   params, data = published_problem(0)
   opt = optax.chain(
-    optax.identity(),
-    tj.with_teleport(make_opt(lr), SYM, schedule=tj.at_steps([2, 5]), num_steps=3),
+    tj.with_teleport(
+      optax.chain(optax.identity(), make_opt(lr)),
+      SYM,
+      schedule=tj.at_steps([2, 5]),
+      num_steps=3,
+      stability=False,
+    ),
   )
   new_params, state, losses, step = train(opt, params, data, 8)
-  tstate = state[1]
+  tstate = state[0]
   assert int(tstate.count) == 8
   assert int(tstate.num_teleports) + int(tstate.num_rejected) == 2
   assert int(tstate.num_teleports) >= 1
   assert np.all(np.isfinite(losses))
   assert step._cache_size() == 1  # one compilation for all steps, teleport or not
   # the teleport itself keeps the loss: recorded drift is within tolerance
-  assert float(tstate.info.rel_loss_drift) <= 1e-4
+  assert float(tstate.max_rel_loss_drift) <= tj.default_rtol(jnp.float32)
 
 
 def test_update_between_teleports_is_exactly_the_inner_optimizer():
@@ -75,13 +80,16 @@ def test_update_between_teleports_is_exactly_the_inner_optimizer():
 def test_teleport_step_moves_params_along_orbit_then_takes_inner_step():
   params, data = published_problem(2)
   lr = 1e-4
-  opt = tj.with_teleport(optax.sgd(lr), SYM, schedule=[0], num_steps=3)
+  objective = tj.lookahead_loss(lr, 2)
+  opt = tj.with_teleport(optax.sgd(lr), SYM, schedule=[0], num_steps=3, objective=objective)
   state = opt.init(params)
   grads = jax.grad(value_fn)(params, *data)
   updates, state = opt.update(grads, state, params, value_fn=value_fn, x=data[0], y=data[1])
   assert bool(state.info.accepted)
   new = optax.apply_updates(params, updates)
-  expected, _ = tj.teleport(lambda p, d: value_fn(p, *d), params, data, symmetry=SYM, num_steps=3)
+  expected, _ = tj.teleport(
+    lambda p, d: value_fn(p, *d), params, data, symmetry=SYM, num_steps=3, objective=objective
+  )
   g_expected = jax.grad(value_fn)(expected, *data)
   for a, b, g in zip(new, expected, g_expected):
     np.testing.assert_allclose(a, b - lr * g, rtol=2e-4, atol=1e-5)

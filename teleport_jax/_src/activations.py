@@ -4,11 +4,15 @@ The data-dependent GL action needs an activation that is a bijection of the
 real line (so that ``inverse(fn(z)) == z`` for every pre-activation and every
 transformed post-activation has a pre-image). Positive rescaling needs a
 positively homogeneous activation (``fn(s * z) == s * fn(z)`` for ``s > 0``).
+
+Activations compare and hash by value: ``leaky_relu(0.1) == leaky_relu(0.1)``,
+so symmetries built from equal settings are equal and share compiled code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 
 import chex
@@ -39,41 +43,62 @@ class Activation:
     return self.fn(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LeakyReLU:
+  slope: float
+
+  def __call__(self, z):
+    return jnp.where(z >= 0, z, jnp.asarray(self.slope, jnp.result_type(z)) * z)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeakyReLUInverse:
+  slope: float
+
+  def __call__(self, y):
+    return jnp.where(y >= 0, y, y / jnp.asarray(self.slope, jnp.result_type(y)))
+
+
+def _relu(z):
+  return jnp.maximum(z, 0)
+
+
+def _identity(z):
+  return z
+
+
 def leaky_relu(negative_slope: float = 0.01) -> Activation:
   """LeakyReLU ``max(z, a z)`` with slope ``a > 0``: invertible and homogeneous.
 
   Args:
     negative_slope: the slope ``a`` for negative inputs; must be in ``(0, 1]``.
+
+  Examples:
+    >>> import teleport_jax as tj
+    >>> tj.leaky_relu(0.1) == tj.leaky_relu(0.1)  # equal settings, equal activations
+    True
   """
+  if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+    raise TypeError(f"negative_slope must be a real number, got {negative_slope!r}.")
   a = float(negative_slope)
   if not 0.0 < a <= 1.0:
     raise ValueError(f"negative_slope must be in (0, 1] for an invertible LeakyReLU, got {a}.")
   return Activation(
     name=f"leaky_relu({a})",
-    fn=lambda z: jnp.where(z >= 0, z, a * z),
-    inverse=lambda y: jnp.where(y >= 0, y, y / a),
+    fn=_LeakyReLU(a),
+    inverse=_LeakyReLUInverse(a),
     positively_homogeneous=True,
   )
 
 
 def relu() -> Activation:
   """ReLU: positively homogeneous, not invertible."""
-  return Activation(
-    name="relu",
-    fn=lambda z: jnp.maximum(z, 0),
-    inverse=None,
-    positively_homogeneous=True,
-  )
+  return Activation(name="relu", fn=_relu, inverse=None, positively_homogeneous=True)
 
 
 def identity() -> Activation:
   """The identity (a linear network): invertible and homogeneous."""
-  return Activation(
-    name="identity",
-    fn=lambda z: z,
-    inverse=lambda y: y,
-    positively_homogeneous=True,
-  )
+  return Activation(name="identity", fn=_identity, inverse=_identity, positively_homogeneous=True)
 
 
 def asinh() -> Activation:

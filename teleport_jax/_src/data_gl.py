@@ -14,7 +14,7 @@ from flax import struct
 
 from teleport_jax._src import activations as act_lib
 from teleport_jax._src import layouts
-from teleport_jax._src import rescaling
+from teleport_jax._src import mlp
 from teleport_jax._src import symmetry
 
 _INPUT_KEYS = ("inputs", "input", "x", "X", "image", "images", "features")
@@ -45,7 +45,7 @@ def default_get_inputs(data: Any) -> chex.Array:
 
 
 @struct.dataclass
-class DataDependentGL(symmetry.Symmetry):
+class DataDependentGL(mlp.MLPGroupMixin, symmetry.Symmetry):
   r"""The data-dependent ``GL(d_m)`` action of Zhao et al. (2022, Prop. 4.3).
 
   Consider an MLP ``h_m = sigma(h_{m-1} K_m + b_m)`` (canonical form: rows are
@@ -147,9 +147,6 @@ class DataDependentGL(symmetry.Symmetry):
   def _activation(self) -> act_lib.Activation:
     return act_lib.as_activation(self.activation)
 
-  def _layout(self, params):
-    return layouts.as_layout(self.layout, params)
-
   def inputs(self, params: chex.ArrayTree, data: Any) -> chex.Array:
     """The batch inputs in canonical ``(n, d_0)`` form."""
     if data is None:
@@ -241,7 +238,7 @@ class DataDependentGL(symmetry.Symmetry):
   def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
     layout = self._layout(params)
     kernels, biases = layout.get(params)
-    rescaling._check_group_shapes(g, kernels, vector=False)
+    mlp.check_group_shapes(g, len(kernels) - 1, [k.shape[1] for k in kernels[:-1]], vector=False)
     x = self.inputs(params, data).astype(kernels[0].dtype)
     if self.variant == "published":
       return layout.set(params, *self._act_published(kernels, biases, g, x))
@@ -259,7 +256,7 @@ class DataDependentGL(symmetry.Symmetry):
     """The exact action; ``inv_apply(A, K)`` applies ``A^{-1}`` to the outgoing kernel."""
     layout = self._layout(params)
     kernels, biases = layout.get(params)
-    rescaling._check_group_shapes(g, kernels, vector=False)
+    mlp.check_group_shapes(g, len(kernels) - 1, [k.shape[1] for k in kernels[:-1]], vector=False)
     sigma = self._activation
     layer_inputs, pre = layouts.mlp_forward(kernels, biases, sigma, x)
     active = self.active_layers(params, x.shape[0])
@@ -331,3 +328,26 @@ def _split_kb(kb, b):
   if b is None:
     return kb, None
   return kb[:-1], kb[-1]
+
+
+@struct.dataclass
+class PublishedDataDependentGL(DataDependentGL):
+  r"""The first-order action of the published NeurIPS 2022 code, for comparison only.
+
+  Group element ``A = I + T`` per hidden layer; the outgoing kernel is
+  multiplied by ``I - T`` where ``(I + T)^{-1}`` is needed, and the incoming
+  kernel is replaced by ``pinv(h) sigma^{-1}(sigma(h K)(I + T))`` with ``h`` the
+  layer input *after* the previous pair was transformed. It is **not**
+  loss-invariant (it changes the loss by tens of percent per teleport on the
+  published problem), so :func:`teleport_jax.teleport` refuses it unless told
+  ``check=False, rtol=float("inf")``. It exists so that published figures can be
+  compared with the exact :class:`DataDependentGL`; ``DataDependentGL(variant=
+  "published")`` is the same.
+  """
+
+  variant: Literal["exact", "published"] = struct.field(pytree_node=False, default="published")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.variant != "published":
+      raise ValueError("PublishedDataDependentGL is the published action; use DataDependentGL.")

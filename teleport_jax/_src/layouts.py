@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -160,31 +161,44 @@ def _check_chain(kernels, biases) -> None:
       )
 
 
-def infer_layout(params: chex.ArrayTree, kernel_format: KernelFormat | None = None) -> MLPLayout:
-  """Finds the dense layers of an MLP in a parameter pytree.
+def infer_layout(
+  params: chex.ArrayTree,
+  kernel_format: KernelFormat | None = None,
+  *,
+  call: tuple[Callable, tuple] | None = None,
+) -> MLPLayout:
+  """Finds the dense layers of an MLP in a parameter pytree, in call order.
 
   Recognised layouts:
 
-  * a list/tuple of 2-D weight matrices, or of ``(weight, bias)`` pairs: weights
-    are taken as ``(out, in)`` (``kernel_format="out_in"``, the ``W @ x``
-    convention of the published experiments) unless ``kernel_format`` says so;
+  * a list/tuple of 2-D weight matrices, or of ``(weight, bias)`` pairs: the
+    list order is the call order; weights are taken as ``(out, in)``
+    (``kernel_format="out_in"``, the ``W @ x`` convention of the published
+    experiments) unless ``kernel_format`` says so;
   * any pytree whose leaves are named ``kernel``/``bias`` (``flax.linen``
     parameter dicts, ``flax.nnx`` states), or ``w``/``b``, ``weight``/``bias``:
     kernels are ``(in, out)`` unless ``kernel_format`` says otherwise.
 
-  Layers are ordered by the natural order of their key paths (``Dense_2`` before
-  ``Dense_10``). If your layer names do not sort in call order, build an
-  :class:`MLPLayout` yourself.
+  **Layer order.** With ``call=(fn, args)`` (``fn(*args)`` runs the model, e.g.
+  the loss and its arguments; :func:`teleport_jax.teleport` passes its own),
+  the order is read from the traced program: the order in which the kernels are
+  first contracted. Without it, the order is known only where the names say
+  it: flax's automatic names (``Dense_0``, ``Dense_1``, ..., ``layers_0``, ...:
+  one prefix, a number, siblings in one module), which flax assigns in call
+  order. Any other naming (``input_layer``, ``hidden``, ``output``) is ambiguous
+  and raises, saying how to give the order.
 
   Args:
     params: the parameter pytree.
     kernel_format: overrides the kernel orientation.
+    call: ``(fn, args)`` such that ``fn(*args)`` calls the model with ``params``
+      as (part of) its arguments.
 
   Returns:
     The layout.
 
   Raises:
-    ValueError: if no chain of dense layers is found.
+    ValueError: if no chain of dense layers is found, or the order is ambiguous.
   """
   leaves_with_path = jax.tree_util.tree_flatten_with_path(params)[0]
   if not leaves_with_path:
@@ -228,10 +242,68 @@ def infer_layout(params: chex.ArrayTree, kernel_format: KernelFormat | None = No
       "weight matrices or leaves named 'kernel'/'bias' (flax). Pass an explicit "
       "teleport_jax.MLPLayout."
     )
-  order = sorted(kernels, key=_natural_key)
+  if call is not None:
+    order = _order_from_call(params, list(kernels), call)
+  elif _auto_numbered(list(kernels)):
+    order = sorted(kernels, key=_natural_key)
+  else:
+    names_list = ", ".join(jax.tree_util.keystr(k) for k in kernels)
+    raise ValueError(
+      f"params: the layer order is ambiguous: the kernels {names_list} are not named in "
+      "call order (flax's automatic names Dense_0, Dense_1, ... are). Give the order: "
+      "teleport with a loss function (teleport_jax.teleport and with_teleport read the "
+      "order from how the loss calls the model), build the layout from a call with "
+      "teleport_jax.infer_layout(params, call=(apply_fn, (params, x))), or pass "
+      "teleport_jax.MLPLayout(kernel_paths=..., bias_paths=...) listing the kernels in "
+      "call order."
+    )
   layout = MLPLayout(tuple(order), tuple(kernels[k] for k in order), kernel_format or "in_out")
   layout.get(params)  # validates the chain
   return layout
+
+
+_NUMBERED = re.compile(r"^(.*?)_?(\d+)$")
+
+
+def _auto_numbered(kernel_paths: list[KeyPath]) -> bool:
+  """Whether the kernels' modules are siblings named ``<prefix>_<n>`` with one prefix."""
+  modules = [_parent(p) for p in kernel_paths]
+  if len({m[:-1] for m in modules}) != 1 or any(not m for m in modules):
+    return False
+  prefixes = set()
+  for m in modules:
+    match = _NUMBERED.match(_key_name(m[-1]))
+    if not match:
+      return False
+    prefixes.add(match.group(1))
+  return len(prefixes) == 1
+
+
+def _order_from_call(params, kernel_paths: list[KeyPath], call) -> list[KeyPath]:
+  from teleport_jax._src import tracing
+
+  fn, args = call
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  target = {tuple(p): i for i, (p, _) in enumerate(flat)}
+  # params must be one of the call's arguments: find where its leaves start
+  arg_leaves = jax.tree_util.tree_leaves(args)
+  params_leaves = [leaf for _, leaf in flat]
+  start = None
+  for i in range(len(arg_leaves) - len(params_leaves) + 1):
+    if all(arg_leaves[i + j] is params_leaves[j] for j in range(len(params_leaves))):
+      start = i
+      break
+  if start is None:
+    raise ValueError("infer_layout: call=(fn, args) must pass params itself among args.")
+  positions = [start + target[p] for p in kernel_paths]
+  first = tracing.first_use_order(fn, args, positions)
+  unused = [jax.tree_util.keystr(p) for p, f in zip(kernel_paths, first) if f is None]
+  if unused:
+    raise ValueError(
+      f"params: the kernels {', '.join(unused)} are not used by the model call, so they "
+      "are not part of an MLP chain; pass an explicit teleport_jax.MLPLayout."
+    )
+  return [p for _, p in sorted(zip(first, kernel_paths), key=lambda t: t[0])]
 
 
 def _is_matrix_or_pair(x) -> bool:

@@ -8,49 +8,51 @@ import chex
 import jax.numpy as jnp
 from flax import struct
 
+from teleport_jax._src import groups
 from teleport_jax._src import layouts
-from teleport_jax._src import rescaling
+from teleport_jax._src import mlp
+from teleport_jax._src import sites as sites_lib
 from teleport_jax._src import symmetry
 
 
 @struct.dataclass
-class LinearGL(symmetry.Symmetry):
+class LinearGL(mlp.MLPGroupMixin, symmetry.Symmetry):
   r"""``GL(d_m)`` on every hidden layer of a *linear* network.
 
   With no nonlinearity between layer ``m`` and ``m+1``,
   :math:`x K_m K_{m+1} = x (K_m A)(A^{-1} K_{m+1})` for any invertible ``A``,
   so ``K_m <- K_m A``, ``b_m <- b_m A``, ``K_{m+1} <- A^{-1} K_{m+1}`` keeps the
-  function for every input. (The same symmetry acts on an attention head's
-  query/key and value/output maps.)
+  function for every input (features ``h -> h A``; for ``W @ x`` matrices
+  ``W_m <- A^T W_m`` and ``W_{m+1} <- W_{m+1} A^{-T}``).
 
+  It is the product of one :class:`~teleport_jax.SiteSymmetry` with group
+  :class:`~teleport_jax.groups.GL` per hidden layer (see :meth:`as_product`).
   Group element: a tuple with one ``(d_m, d_m)`` invertible matrix per hidden
   layer. Lie algebra: matrices of the same shapes; ``exp`` is the matrix
   exponential (always invertible, inverse ``exp(-xi)``). Layers of equal width
-  are stacked and their exponentials computed in one ``vmap``-ed call; a layer
-  of a different width gets its own call. The action applies ``A^{-1}`` by an
-  LU solve, never by an approximate inverse.
+  are stacked and their exponentials computed in one ``vmap``-ed call on
+  accelerators.
 
   Attributes:
-    layout: where the layers are in ``params`` (inferred if ``None``).
+    layout: where the layers are in ``params``, in call order (inferred if ``None``).
   """
 
   layout: layouts.MLPLayout | None = struct.field(pytree_node=False, default=None)
 
   needs_data = False
 
-  def _layout(self, params):
-    return layouts.as_layout(self.layout, params)
+  def as_product(self, params: chex.ArrayTree) -> sites_lib.Product:
+    """The same group as a :class:`~teleport_jax.Product` of per-layer site symmetries."""
+    sites = mlp.mlp_sites(self._layout(params), params, "linear")
+    return sites_lib.Product(tuple(sites_lib.SiteSymmetry(s, groups.GL()) for s in sites))
 
   def algebra_zeros(self, params):
-    kernels, _ = self._layout(params).get(params)
-    return tuple(jnp.zeros((k.shape[1], k.shape[1]), k.dtype) for k in kernels[:-1])
+    return self.as_product(params).algebra_zeros(params)
 
   def exp(self, xi):
     return symmetry.batched_over_equal_shapes(symmetry.expm, xi)
 
   def retract(self, xi):
-    if getattr(self, "variant", "exact") == "published":
-      return tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
     return symmetry.batched_over_equal_shapes(symmetry.cayley, xi)
 
   def inverse(self, g):
@@ -65,22 +67,10 @@ class LinearGL(symmetry.Symmetry):
 
   def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
     del data
-    return self._apply(params, g, lambda a, k: jnp.linalg.solve(a, k))
+    prod = self.as_product(params)
+    mlp.check_group_shapes(g, len(prod), [p.site.dim for p in prod.parts], vector=False)
+    return prod.act(params, tuple(g))
 
   def act_linearized(self, params, xi, data=None):
     del data
-    g = tuple(jnp.eye(x.shape[0], dtype=x.dtype) + x for x in xi)
-    return self._apply(params, g, lambda a, k: 2 * k - a @ k)  # (I - xi) K
-
-  def _apply(self, params, g, inv_apply):
-    layout = self._layout(params)
-    kernels, biases = layout.get(params)
-    rescaling._check_group_shapes(g, kernels, vector=False)
-    kernels, biases = list(kernels), list(biases)
-    for m, a in enumerate(g):
-      a = a.astype(kernels[m].dtype)
-      kernels[m] = kernels[m] @ a
-      if biases[m] is not None:
-        biases[m] = biases[m] @ a
-      kernels[m + 1] = inv_apply(a, kernels[m + 1])
-    return layout.set(params, kernels, biases)
+    return self.as_product(params).act_linearized(params, tuple(xi))

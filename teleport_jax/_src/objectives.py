@@ -3,11 +3,26 @@
 An objective is evaluated at a candidate point ``params`` of the orbit and
 returns ``(value, loss)``: the value to optimise and the loss at ``params``
 (which the solver uses to watch the level set at no extra cost).
+
+Some objectives need more than the loss: the step size of the optimizer that
+runs after the teleport (:func:`lookahead_loss` without a learning rate reads
+the curvature at the start point), or the optimizer itself
+(:func:`optimizer_lookahead` simulates the wrapped optax optimizer from its
+state). Their :attr:`Objective.prepare` is called once per teleport with an
+:class:`ObjectiveContext` and returns the function the solver evaluates.
+
+Objectives are bounded by default: the default, ``"lookahead"``, is the loss
+after a few steps of the optimizer. Maximising ``||grad L||^2`` (the paper's
+objective, ``"max_grad_norm"``) has no maximum on the non-compact groups of
+neural networks (for one rescaled neuron it is ``a/s^2 + b s^2 + c``): its
+result is set by step counts and caps, and a fixed-step optimizer can diverge
+after it. It is kept for comparison with the published experiments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -27,18 +42,68 @@ def call_loss(loss_fn: LossFn, params: chex.ArrayTree, data: Any) -> chex.Array:
   return loss_fn(params) if data is None else loss_fn(params, data)
 
 
+class ObjectiveContext(NamedTuple):
+  """What a teleport knows besides the loss, for objectives that need it.
+
+  Attributes:
+    optimizer: the optax optimizer that runs after the teleport (``None`` when
+      :func:`teleport_jax.teleport` is called on its own).
+    state_at: ``state_at(params, g) -> opt_state``: the optimizer state at a
+      candidate point ``params = g . params0`` under the state policy
+      (``g`` is ``None`` when the solver does not track the group element).
+    update_kwargs: keyword arguments for ``optimizer.update`` (``value_fn``
+      and the batch, optax's convention).
+  """
+
+  optimizer: Any = None
+  state_at: Callable | None = None
+  update_kwargs: Any = None
+
+
 class Objective(NamedTuple):
   """An objective for :func:`teleport_jax.teleport`.
 
   Attributes:
-    fn: ``fn(loss_fn, params, data) -> (value, loss)``.
+    fn: ``fn(loss_fn, params, data) -> (value, loss)`` (or ``-> value``).
     maximize: whether the teleport increases (``True``) or decreases ``value``.
     name: a short name for tables and error messages.
+    prepare: optional ``prepare(loss_fn, params0, data, context) -> bound`` with
+      ``bound(params, g) -> (value, loss)``, called once per teleport at the
+      start point (``context`` is an :class:`ObjectiveContext`). Objectives that
+      need the optimizer or a start-point quantity use it; ``fn`` is then only
+      used by :meth:`value`.
   """
 
   fn: ObjectiveFn
   maximize: bool
   name: str
+  prepare: Callable | None = None
+
+  def value(self, loss_fn, params, data=None, context=None):
+    """``(value, loss)`` at ``params`` (a teleport's start point is ``params`` too)."""
+    return bind(self, loss_fn, params, data, context)(params, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """``prepare`` of an objective whose ``fn`` has a ``prepare`` method.
+
+  Equal (and hashing alike) when the owners are equal, unlike bound methods,
+  which compare by the identity of their instance; equal settings then share
+  compiled code.
+  """
+
+  owner: Any
+
+  def __call__(self, loss_fn, params0, data, context):
+    return self.owner.prepare(loss_fn, params0, data, context)
+
+
+def bind(objective: Objective, loss_fn, params0, data, context=None):
+  """The function ``(params, g) -> (value, loss)`` a teleport from ``params0`` evaluates."""
+  if objective.prepare is not None:
+    return objective.prepare(loss_fn, params0, data, context or ObjectiveContext())
+  return lambda params, g: evaluate(objective, loss_fn, params, data)
 
 
 def _grad_norm_sq(loss_fn, params, data):
@@ -56,25 +121,82 @@ def grad_norm_sq(maximize: bool = True) -> Objective:
   return Objective(_grad_norm_sq, bool(maximize), "max_grad_norm" if maximize else "min_grad_norm")
 
 
+def is_concrete(x) -> bool:
+  """Whether ``x`` is a concrete number (not a tracer of ``jit``/``inject_hyperparams``)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_positive(value, name: str, *, allow_none: bool = False):
+  """A positive real number (Python, NumPy or JAX scalar); tracers pass unchecked."""
+  if value is None and allow_none:
+    return None
+  if not is_concrete(value):
+    return value
+  if isinstance(value, bool) or not (
+    isinstance(value, numbers.Real) or (hasattr(value, "__float__") and jnp.ndim(value) == 0)
+  ):
+    raise ValueError(f"{name} must be a positive number, got {value!r}.")
+  v = float(value)
+  if not v > 0 or v == float("inf"):
+    raise ValueError(f"{name} must be a positive, finite number, got {value!r}.")
+  return v
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+  """An int ``>= minimum`` (Python or NumPy integer)."""
+  import operator
+
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  try:
+    v = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.") from None
+  if v < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+  return int(v)
+
+
+def _gd_steps(loss_of, params, lr, k):
+  loss0, grads = jax.value_and_grad(loss_of)(params)
+  p = optax.tree.add_scale(params, -lr, grads)
+  if k > 1:  # a loop, not an unrolled chain: compile time does not grow with k
+    p = jax.lax.fori_loop(
+      0, k - 1, lambda _, p: optax.tree.add_scale(p, -lr, jax.grad(loss_of)(p)), p
+    )
+  return loss_of(p), loss0
+
+
 @dataclasses.dataclass(frozen=True)
 class _Lookahead:
   """``fn`` of :func:`lookahead_loss`; hashable by value, so equal settings
   share compiled code."""
 
-  learning_rate: float
+  learning_rate: Any
   num_steps: int
 
   def __call__(self, loss_fn, params, data):
-    lr, k = self.learning_rate, self.num_steps
     f = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
-    loss0, grads = jax.value_and_grad(f)(params)
-    p = optax.tree.add_scale(params, -lr, grads)
-    if k > 1:  # a loop, not an unrolled chain: compile time does not grow with k
-      p = jax.lax.fori_loop(0, k - 1, lambda _, p: optax.tree.add_scale(p, -lr, jax.grad(f)(p)), p)
-    return f(p), loss0
+    lr = self.learning_rate
+    if lr is None:
+      lr = 1.0 / _curvature_scale(f, params)
+    return _gd_steps(f, params, lr, self.num_steps)
+
+  def prepare(self, loss_fn, params0, data, context):
+    del context
+    f = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
+    lr = self.learning_rate
+    if lr is None:  # the GD step a well-tuned optimizer takes at the start point
+      lr = jax.lax.stop_gradient(1.0 / _curvature_scale(f, params0))
+    return lambda params, g: _gd_steps(f, params, lr, self.num_steps)
 
 
-def lookahead_loss(learning_rate: float, num_steps: int = 1) -> Objective:
+def _curvature_scale(loss_of, params):
+  lam = jnp.abs(hessian_max_eigenvalue(lambda p: loss_of(p), params, num_iterations=20))
+  return jnp.maximum(lam, jnp.finfo(lam.dtype).tiny)
+
+
+def lookahead_loss(learning_rate: float | None = None, num_steps: int = 1) -> Objective:
   r"""The loss after ``num_steps`` gradient-descent steps of size ``learning_rate``.
 
   Minimised. Unlike the gradient norm, this objective knows the optimizer's
@@ -84,28 +206,94 @@ def lookahead_loss(learning_rate: float, num_steps: int = 1) -> Objective:
   steps diverge). For one step it equals, to second order,
   :math:`L - \eta\|\nabla L\|^2 + \tfrac{\eta^2}{2}\nabla L^\top H \nabla L`.
 
+  With ``learning_rate=None`` the step size is ``1 / |lambda_max(H)|`` at the
+  teleport's start point (20 Hessian-vector products, once per teleport): the
+  step a well-tuned gradient descent takes there. Inside
+  :func:`teleport_jax.with_teleport` prefer :func:`optimizer_lookahead` (the
+  default there), which simulates the wrapped optimizer itself.
+
   Args:
-    learning_rate: the step size of the optimizer that runs after the teleport.
+    learning_rate: the step size of the optimizer that runs after the teleport
+      (a Python, NumPy or JAX scalar; traced values, e.g. from
+      ``optax.inject_hyperparams``, are accepted), or ``None``.
     num_steps: how many steps to look ahead (a ``lax`` loop, differentiated through).
   """
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps must be a positive integer, got {num_steps}.")
-  lr, k = float(learning_rate), int(num_steps)
-  return Objective(_Lookahead(lr, k), False, f"lookahead_loss(lr={lr:g}, steps={k})")
+  lr = check_positive(learning_rate, "learning_rate", allow_none=True)
+  k = check_count(num_steps, "num_steps")
+  fn = _Lookahead(lr, k)
+  lr_name = "1/lambda_max" if lr is None else (f"{lr:g}" if is_concrete(lr) else "traced")
+  return Objective(fn, False, f"lookahead_loss(lr={lr_name}, steps={k})", Prepared(fn))
+
+
+@dataclasses.dataclass(frozen=True)
+class _OptimizerLookahead:
+  """``prepare`` of :func:`optimizer_lookahead`."""
+
+  num_steps: int
+
+  def __call__(self, loss_fn, params, data):
+    raise ValueError(
+      "optimizer_lookahead needs the optimizer: use it in teleport_jax.with_teleport, or "
+      "pass optimizer= and opt_state= to teleport_jax.teleport."
+    )
+
+  def prepare(self, loss_fn, params0, data, context):
+    if context is None or context.optimizer is None:
+      self(loss_fn, params0, data)
+    opt = context.optimizer
+    kwargs = dict(context.update_kwargs or {})
+    loss_of = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
+    k = self.num_steps
+
+    def bound(params, g):
+      state = jax.lax.stop_gradient(context.state_at(params, g))
+      loss0 = loss_of(params)
+
+      def body(_, carry):
+        p, s = carry
+        grads = jax.grad(loss_of)(p)
+        u, s = opt.update(grads, s, p, **kwargs)
+        return optax.apply_updates(p, u), s
+
+      p, _ = jax.lax.fori_loop(0, k, body, (params, state))
+      return loss_of(p), loss0
+
+    return bound
+
+
+def optimizer_lookahead(num_steps: int = 5) -> Objective:
+  r"""The loss after ``num_steps`` steps of the wrapped optax optimizer. Minimised.
+
+  Inside :func:`teleport_jax.with_teleport` (whose default objective this is)
+  the teleport then looks for the point of the orbit from which *the
+  optimizer that will run* - Adam, RMSProp, momentum, with its learning rate,
+  schedule and current state - decreases the loss most. The state at a
+  candidate point follows the transformation's ``state_policy`` (kept,
+  re-initialised, or transported with the group element). The optimizer's
+  steps are simulated in a ``lax`` loop and differentiated through.
+
+  Args:
+    num_steps: optimizer steps to simulate.
+  """
+  k = check_count(num_steps, "num_steps")
+  fn = _OptimizerLookahead(k)
+  return Objective(fn, False, f"optimizer_lookahead(steps={k})", Prepared(fn))
 
 
 _NAMED = {
   "max_grad_norm": lambda: grad_norm_sq(True),
   "min_grad_norm": lambda: grad_norm_sq(False),
+  "lookahead": lambda: lookahead_loss(None, 5),
+  "optimizer_lookahead": lambda: optimizer_lookahead(5),
 }
 
 
 def as_objective(objective: Objective | str | Callable) -> Objective:
   """Resolves ``objective`` to an :class:`Objective`.
 
-  Accepts an :class:`Objective`, a name (``"max_grad_norm"``, ``"min_grad_norm"``)
+  Accepts an :class:`Objective`, a name (``"lookahead"``: the loss after 5
+  gradient steps of size ``1/lambda_max``; ``"optimizer_lookahead"``: after 5
+  steps of the wrapped optimizer; ``"max_grad_norm"``, ``"min_grad_norm"``)
   or a user hook ``fn(loss_fn, params, data) -> scalar`` that is *maximised*
   (wrap it in :class:`Objective` with ``maximize=False`` to minimise, or return
   ``(value, loss)`` to save a loss evaluation).
@@ -166,10 +354,7 @@ def hessian_max_eigenvalue(
     >>> float(tj.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=50))
     3.0
   """
-  if (
-    isinstance(num_iterations, bool) or int(num_iterations) != num_iterations or num_iterations < 1
-  ):
-    raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}.")
+  num_iterations = check_count(num_iterations, "num_iterations")
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   grad_fn = jax.grad(lambda p: call_loss(loss_fn, p, data))
   tiny = jnp.finfo(flat.dtype).tiny
@@ -197,15 +382,27 @@ class _StabilityConstrained:
   threshold: float
   num_iterations: int
 
-  def __call__(self, loss_fn, params, data):
-    value, loss = evaluate(self.objective, loss_fn, params, data)
+  def _constrain(self, loss_fn, params, data, value):
     # The constraint only selects points; it is not differentiated (no third derivatives).
     lam = hessian_max_eigenvalue(
       loss_fn, jax.lax.stop_gradient(params), data, num_iterations=self.num_iterations
     )
     feasible = self.learning_rate * jnp.abs(lam) <= self.threshold
     worst = -jnp.inf if self.objective.maximize else jnp.inf
-    return jnp.where(feasible, value, jnp.asarray(worst, jnp.result_type(value))), loss
+    return jnp.where(feasible, value, jnp.asarray(worst, jnp.result_type(value)))
+
+  def __call__(self, loss_fn, params, data):
+    value, loss = evaluate(self.objective, loss_fn, params, data)
+    return self._constrain(loss_fn, params, data, value), loss
+
+  def prepare(self, loss_fn, params0, data, context):
+    inner = bind(self.objective, loss_fn, params0, data, context)
+
+    def bound(params, g):
+      value, loss = inner(params, g)
+      return self._constrain(loss_fn, params, data, value), loss
+
+    return bound
 
 
 def stability_constrained(
@@ -262,19 +459,15 @@ def stability_constrained(
     (False, 'stability_constrained(lookahead_loss(lr=0.0001, steps=5), lr*|lambda|<=2)')
   """
   objective = as_objective(objective)
-  if not learning_rate > 0:
-    raise ValueError(f"learning_rate must be positive, got {learning_rate}.")
-  if not threshold > 0:
-    raise ValueError(f"threshold must be positive, got {threshold}.")
-  if (
-    isinstance(num_iterations, bool) or int(num_iterations) != num_iterations or num_iterations < 1
-  ):
-    raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}.")
-  lr, t, k = float(learning_rate), float(threshold), int(num_iterations)
+  lr = check_positive(learning_rate, "learning_rate")
+  t = check_positive(threshold, "threshold")
+  k = check_count(num_iterations, "num_iterations")
+  fn = _StabilityConstrained(objective, lr, t, k)
   return Objective(
-    _StabilityConstrained(objective, lr, t, k),
+    fn,
     objective.maximize,
     f"stability_constrained({objective.name}, lr*|lambda|<={t:g})",
+    Prepared(fn) if objective.prepare is not None else None,
   )
 
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import chex
-import jax.numpy as jnp
 from flax import struct
 
 from teleport_jax._src import activations as act_lib
+from teleport_jax._src import groups
 from teleport_jax._src import layouts
+from teleport_jax._src import mlp
+from teleport_jax._src import sites as sites_lib
 from teleport_jax._src import symmetry
 
 
 @struct.dataclass
-class PositiveRescaling(symmetry.Symmetry):
+class PositiveRescaling(mlp.MLPGroupMixin, symmetry.Symmetry):
   r"""Positive diagonal rescaling of every hidden layer of an MLP.
 
   For a hidden layer with positively homogeneous activation
@@ -24,12 +26,16 @@ class PositiveRescaling(symmetry.Symmetry):
   unchanged for every input. This holds without data, so the teleported point
   stays on the level set of the loss on *any* batch.
 
-  Group element: a tuple with one positive vector of shape ``(d_m,)`` per
-  hidden layer. Lie algebra: log-scales of the same shapes; ``exp`` is the
-  elementwise exponential and ``inverse`` the reciprocal.
+  It is the product of one :class:`~teleport_jax.SiteSymmetry` with group
+  :class:`~teleport_jax.groups.Scaling` per hidden layer (see
+  :meth:`as_product`). Group element: a tuple with one positive vector of shape
+  ``(d_m,)`` per hidden layer. Lie algebra: log-scales of the same shapes;
+  ``exp`` is the elementwise exponential and ``inverse`` the reciprocal.
 
   Attributes:
-    layout: where the layers are in ``params`` (inferred if ``None``).
+    layout: where the layers are in ``params``, in call order (inferred if
+      ``None``: from the loss the teleport is given, see
+      :func:`teleport_jax.infer_layout`).
     activation: optional; if given, it must be positively homogeneous.
   """
 
@@ -48,15 +54,16 @@ class PositiveRescaling(symmetry.Symmetry):
           "rescaling is only a symmetry for ReLU-like activations."
         )
 
-  def _layout(self, params):
-    return layouts.as_layout(self.layout, params)
+  def as_product(self, params: chex.ArrayTree) -> sites_lib.Product:
+    """The same group as a :class:`~teleport_jax.Product` of per-layer site symmetries."""
+    sites = mlp.mlp_sites(self._layout(params), params, "homogeneous")
+    return sites_lib.Product(tuple(sites_lib.SiteSymmetry(s, groups.Scaling()) for s in sites))
 
   def algebra_zeros(self, params: chex.ArrayTree) -> tuple[chex.Array, ...]:
-    kernels, _ = self._layout(params).get(params)
-    return tuple(jnp.zeros((k.shape[1],), k.dtype) for k in kernels[:-1])
+    return self.as_product(params).algebra_zeros(params)
 
   def exp(self, xi):
-    return tuple(jnp.exp(x) for x in xi)
+    return tuple(groups.Scaling().exp(x) for x in xi)
 
   def inverse(self, g):
     return tuple(1.0 / s for s in g)
@@ -71,27 +78,14 @@ class PositiveRescaling(symmetry.Symmetry):
   def act(self, params: chex.ArrayTree, g, data: Any = None) -> chex.ArrayTree:
     """Rescales hidden units: ``K_m <- K_m D_m``, ``b_m <- D_m b_m``, ``K_{m+1} <- D_m^{-1} K_{m+1}``."""
     del data
-    layout = self._layout(params)
-    kernels, biases = layout.get(params)
-    _check_group_shapes(g, kernels, vector=True)
-    kernels, biases = list(kernels), list(biases)
-    for m, s in enumerate(g):
-      s = s.astype(kernels[m].dtype)
-      kernels[m] = kernels[m] * s[None, :]
-      if biases[m] is not None:
-        biases[m] = biases[m] * s
-      kernels[m + 1] = kernels[m + 1] / s[:, None]
-    return layout.set(params, kernels, biases)
+    prod = self.as_product(params)
+    mlp.check_group_shapes(g, len(prod), [p.site.dim for p in prod.parts], vector=True)
+    return prod.act(params, tuple(g))
 
+  def act_linearized(self, params, xi, data=None):
+    del data
+    return self.as_product(params).act_linearized(params, tuple(xi))
 
-def _check_group_shapes(g, kernels, *, vector: bool) -> None:
-  if not isinstance(g, (tuple, list)) or len(g) != len(kernels) - 1:
-    raise ValueError(
-      f"g must be a tuple with one element per hidden layer ({len(kernels) - 1}), "
-      f"got {type(g).__name__} of length {len(g) if hasattr(g, '__len__') else '?'}."
-    )
-  for m, x in enumerate(g):
-    d = kernels[m].shape[1]
-    want = (d,) if vector else (d, d)
-    if tuple(x.shape) != want:
-      raise ValueError(f"g[{m}] has shape {tuple(x.shape)}, expected {want} for hidden layer {m}.")
+  def cotangent_scale(self, params, g, data=None):
+    del data
+    return self.as_product(params).cotangent_scale(params, tuple(g))

@@ -50,6 +50,9 @@ class _LatentRotation(symmetry.Symmetry):
   def inverse(self, g):
     return g.T
 
+  def compose(self, g1, g2):  # z -> g1 z -> g2 g1 z
+    return g2 @ g1
+
   def validate(self, params, data=None):
     del data
     w, _ = ravel_pytree(params)

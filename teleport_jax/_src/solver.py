@@ -1,7 +1,34 @@
-"""The teleport solver: gradient ascent on the group, inside ``lax`` loops."""
+"""The teleport driver: one ``lax`` loop, one guard, one info record, any back-end.
+
+:func:`teleport` moves parameters along the orbit of a symmetry (or, with a
+group-free back-end, inside the loss level set) to optimise an objective. The
+driver owns everything that makes a teleport trustworthy, whatever back-end
+proposes the steps:
+
+1. **Input check**: non-finite parameters, data or loss give a rejected
+   teleport (status ``NONFINITE_INPUT``) with the input returned, eagerly and
+   under ``jit`` alike (``throw=True`` raises instead).
+2. **Symmetry check** (:mod:`teleport_jax._src.check`): the loss must not change
+   to first order along random generators, at the parameters and at a
+   perturbed copy; otherwise nothing moves (status ``NOT_A_SYMMETRY``; called
+   eagerly, :func:`teleport` raises a ``ValueError`` naming the failing layers
+   and the likely cause).
+3. **Guard** on every inner step: kept iff finite, within ``rtol`` of the
+   starting loss, improving the objective by more than its rounding level,
+   and (with a stability constraint) keeping the optimizer's next steps
+   stable.
+4. **Final check**: the candidate, cast back to the parameters' dtype, must
+   be finite and within ``rtol``; otherwise the original parameters are
+   returned, bit for bit. A teleport that did not move reports why.
+
+Low-precision parameters (bfloat16, float16) are teleported with the group
+math and the loss check in float32 and cast back; the drift is measured on
+the cast-back parameters.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from typing import Any
@@ -12,27 +39,53 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src import backends
+from teleport_jax._src import check as check_lib
 from teleport_jax._src import layouts
 from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src import stability as stab_lib
 from teleport_jax._src import symmetry as sym_lib
 
 
 class TeleportStatus(enum.IntEnum):
-  """Outcome of a teleport (stored as an ``int32`` in :class:`TeleportInfo`)."""
+  """Outcome of a teleport (stored as an ``int32`` in :class:`TeleportInfo`).
+
+  ``SUCCESSFUL`` is the only outcome in which the parameters moved. Every
+  other status returns the original parameters; :meth:`nothing_moved`
+  statuses say why the search found nothing to do.
+  """
 
   SUCCESSFUL = 0
   LOSS_DRIFT = 1
   NONFINITE = 2
   NONFINITE_INPUT = 3
   SKIPPED = 4
+  NOT_A_SYMMETRY = 5
+  NOTHING_TO_MOVE = 6
+  NO_IMPROVEMENT = 7
+  STEPS_LEFT_LEVEL_SET = 8
+  STEPS_NONFINITE = 9
+  UNSTABLE = 10
+  TRANSFORMED_UPDATES = 11
 
   @property
   def message(self) -> str:
     return _MESSAGES[self]
 
+  @property
+  def nothing_moved(self) -> bool:
+    return self in (
+      TeleportStatus.NOT_A_SYMMETRY,
+      TeleportStatus.NOTHING_TO_MOVE,
+      TeleportStatus.NO_IMPROVEMENT,
+      TeleportStatus.STEPS_LEFT_LEVEL_SET,
+      TeleportStatus.STEPS_NONFINITE,
+      TeleportStatus.UNSTABLE,
+    )
+
 
 _MESSAGES = {
-  TeleportStatus.SUCCESSFUL: "teleported; loss unchanged within tolerance",
+  TeleportStatus.SUCCESSFUL: "teleported: the parameters moved and the loss stayed within rtol",
   TeleportStatus.LOSS_DRIFT: "rejected: the loss changed by more than rtol; "
   "original parameters kept",
   TeleportStatus.NONFINITE: "rejected: the teleported point is non-finite; "
@@ -40,6 +93,24 @@ _MESSAGES = {
   TeleportStatus.NONFINITE_INPUT: "rejected: params, data or the loss were "
   "non-finite before teleporting; original parameters kept",
   TeleportStatus.SKIPPED: "no teleport at this step",
+  TeleportStatus.NOT_A_SYMMETRY: "nothing moved: the group is not a symmetry of this loss "
+  "(the loss changes to first order along its generators; see info.symmetry_error). Likely "
+  "causes: an activation that is not declared or not homogeneous/invertible, a normalisation "
+  "or residual connection between the layers, layers out of call order",
+  TeleportStatus.NOTHING_TO_MOVE: "nothing moved: no part of the group can move these "
+  "parameters (e.g. DataDependentGL with a batch larger than every layer input, or an empty "
+  "group)",
+  TeleportStatus.NO_IMPROVEMENT: "nothing moved: no inner step improved the objective "
+  "beyond its rounding level (already optimal on the orbit, or num_steps == 0)",
+  TeleportStatus.STEPS_LEFT_LEVEL_SET: "nothing moved: every improving inner step changed "
+  "the loss by more than rtol (an inexact action: ill-conditioned data, float32, or not a "
+  "symmetry)",
+  TeleportStatus.STEPS_NONFINITE: "nothing moved: every inner step was non-finite",
+  TeleportStatus.UNSTABLE: "nothing moved: every improving inner step broke the stability "
+  "bound (the optimizer's next steps would be less stable than before)",
+  TeleportStatus.TRANSFORMED_UPDATES: "rejected: with_teleport received updates that differ "
+  "from the loss gradient (a transform before it in an optax.chain would be bypassed); put "
+  "the transforms inside: with_teleport(optax.chain(transform, optimizer), ...)",
 }
 
 
@@ -48,11 +119,16 @@ def status_message(status: int | chex.Array) -> str:
   return TeleportStatus(int(status)).message
 
 
+class TeleportError(ValueError):
+  """Raised by :func:`teleport` with ``throw=True`` when a teleport is rejected."""
+
+
 class TeleportInfo(NamedTuple):
   """What a teleport did. All fields are arrays, so the record passes through jit.
 
   Attributes:
-    accepted: whether the returned parameters are the teleported ones.
+    accepted: whether the returned parameters are the teleported ones (status
+      ``SUCCESSFUL``: they moved and the loss stayed within ``rtol``).
     status: a :class:`TeleportStatus` code.
     loss_before: loss at the input parameters.
     loss_after: loss at the returned parameters.
@@ -62,8 +138,20 @@ class TeleportInfo(NamedTuple):
       candidate, whether or not it was accepted (this is why it was rejected).
     objective_before: objective value at the input parameters.
     objective_after: objective value at the candidate.
-    num_accepted_steps: inner steps that improved the objective and were kept.
-    final_step_size: inner step size at the end (after safeguard adaptation).
+    num_accepted_steps: inner steps that were kept.
+    final_step_size: the back-end's step size at the end (``nan`` if it has none).
+    rounding_level: the loss's relative rounding level at the input in the
+      parameters' dtype, ``eps * |w * grad L| / |L| + eps``: an accepted drift
+      far above it is a sign of an inexact action.
+    symmetry_error: the symmetry check's largest relative first-order loss
+      change along a generator (``0`` if not checked).
+    num_nonfinite_steps: inner steps refused because they were non-finite.
+    num_drift_steps: inner steps refused because the loss left ``rtol``.
+    num_unstable_steps: inner steps refused by the stability bound.
+    step_sharpness_before: the optimizer's step sharpness at the start (``nan``
+      without a stability constraint).
+    step_sharpness_after: the same at the last kept point.
+    stats: the back-end's own statistics.
   """
 
   accepted: chex.Array
@@ -77,32 +165,44 @@ class TeleportInfo(NamedTuple):
   objective_after: chex.Array
   num_accepted_steps: chex.Array
   final_step_size: chex.Array
+  rounding_level: chex.Array
+  symmetry_error: chex.Array
+  num_nonfinite_steps: chex.Array
+  num_drift_steps: chex.Array
+  num_unstable_steps: chex.Array
+  step_sharpness_before: chex.Array
+  step_sharpness_after: chex.Array
+  stats: dict
 
-
-def empty_info(dtype=jnp.float32) -> TeleportInfo:
-  """A :class:`TeleportInfo` for "nothing happened yet" (status ``SKIPPED``)."""
-  z = jnp.zeros((), dtype)
-  return TeleportInfo(
-    accepted=jnp.asarray(False),
-    status=jnp.asarray(TeleportStatus.SKIPPED, jnp.int32),
-    loss_before=z,
-    loss_after=z,
-    grad_norm_sq_before=z,
-    grad_norm_sq_after=z,
-    rel_loss_drift=z,
-    objective_before=z,
-    objective_after=z,
-    num_accepted_steps=jnp.zeros((), jnp.int32),
-    final_step_size=z,
-  )
+  @property
+  def message(self) -> str:
+    """The status message (concrete values only)."""
+    return status_message(self.status)
 
 
 def default_rtol(dtype) -> float:
-  """Default relative loss-drift tolerance: 1e-4 in float32, 1e-8 in float64."""
-  return 1e-8 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+  """Default relative loss-drift tolerance per parameter dtype.
+
+  float64: 1e-8; float32: 1e-5; float16: 2e-3; bfloat16: 1.6e-2 (low-precision
+  parameters are teleported in float32, but casting the result back rounds
+  every weight, which changes the loss at the dtype's resolution).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float64:
+    return 1e-8
+  if dtype == jnp.float16:
+    return 2e-3
+  if dtype == jnp.bfloat16:
+    return 1.6e-2
+  return 1e-5
 
 
-def _params_dtype(params):
+def _is_low_precision(dtype) -> bool:
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def params_dtype(params):
+  """The widest floating dtype of ``params``."""
   leaves = [
     x
     for x in jax.tree_util.tree_leaves(params)
@@ -113,27 +213,469 @@ def _params_dtype(params):
   return jnp.result_type(*leaves)
 
 
-def _validate(loss_fn, params, data, symmetry, num_steps, step_size, max_step_size, rtol):
+_params_dtype = params_dtype
+
+
+def compute_dtype(dtype):
+  """float32 for bfloat16/float16 parameters, else the parameters' dtype."""
+  return jnp.float32 if _is_low_precision(dtype) else jnp.dtype(dtype)
+
+
+def _upcast(tree):
+  return jax.tree_util.tree_map(
+    lambda x: x.astype(jnp.float32) if _is_low_precision(jnp.asarray(x).dtype) else x, tree
+  )
+
+
+def empty_info(dtype=jnp.float32, solver: backends.Solver | None = None) -> TeleportInfo:
+  """A :class:`TeleportInfo` for "nothing happened yet" (status ``SKIPPED``)."""
+  dtype = compute_dtype(dtype)
+  z = jnp.zeros((), dtype)
+  nan = jnp.full((), jnp.nan, dtype)
+  zi = jnp.zeros((), jnp.int32)
+  return TeleportInfo(
+    accepted=jnp.asarray(False),
+    status=jnp.asarray(TeleportStatus.SKIPPED, jnp.int32),
+    loss_before=z,
+    loss_after=z,
+    grad_norm_sq_before=z,
+    grad_norm_sq_after=z,
+    rel_loss_drift=z,
+    objective_before=z,
+    objective_after=z,
+    num_accepted_steps=zi,
+    final_step_size=z,
+    rounding_level=z,
+    symmetry_error=z,
+    num_nonfinite_steps=zi,
+    num_drift_steps=zi,
+    num_unstable_steps=zi,
+    step_sharpness_before=nan,
+    step_sharpness_after=nan,
+    stats=(solver or backends.Lie()).stats_template(dtype),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class TeleportConfig:
+  """Everything a teleport is asked to do, in one hashable record.
+
+  Attributes:
+    objective: what to optimise on the orbit: ``"lookahead"`` (default: the
+      loss after 5 gradient steps; inside :func:`teleport_jax.with_teleport`
+      the loss after 5 steps of the wrapped optimizer), ``"max_grad_norm"``,
+      ``"min_grad_norm"``, an :class:`~teleport_jax.Objective` or a callable.
+    solver: the back-end that proposes steps: ``"lie"`` (default,
+      :class:`~teleport_jax.solvers.Lie`) or a back-end object.
+    num_steps: inner steps (static: a different value recompiles).
+    rtol: allowed relative loss change (default :func:`default_rtol` of the
+      parameters' dtype).
+    safeguard: keep only finite, improving steps within ``rtol`` (default).
+    check: run the symmetry check before teleporting (default).
+    stability: ``None``/``False`` (off), ``True`` or a
+      :class:`~teleport_jax.Stability`: a bound on the optimizer's step
+      sharpness at every kept step. :func:`teleport_jax.with_teleport` turns it
+      on for schedules that teleport more than once unless told otherwise.
+    improve_rtol: relative improvement of the objective an inner step must
+      exceed to count (default ``128 * eps`` of the compute dtype), so that
+      decisions do not follow rounding.
+    check_tol: the symmetry check's tolerance on the first-order relative loss
+      change (default: 1e-4 in float32, 1e-9 in float64, 1e-2 for a loss
+      computed in bfloat16/float16).
+    throw: ``None`` (default): raise eagerly only when the group is not a
+      symmetry of the loss (a configuration error); ``True``: raise
+      :class:`TeleportError` for every rejected teleport (eager calls);
+      ``False``: never raise, read ``info.status``.
+  """
+
+  objective: Any = "lookahead"
+  solver: Any = "lie"
+  num_steps: int = 10
+  rtol: float | None = None
+  safeguard: bool = True
+  check: bool = True
+  stability: Any = None
+  improve_rtol: float | None = None
+  throw: bool | None = None
+  check_tol: float | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "objective", obj_lib.as_objective(self.objective))
+    object.__setattr__(self, "solver", backends.as_solver(self.solver))
+    object.__setattr__(self, "num_steps", obj_lib.check_count(self.num_steps, "num_steps", 0))
+    if self.rtol is not None:
+      if obj_lib.is_concrete(self.rtol):
+        if isinstance(self.rtol, bool) or not float(self.rtol) >= 0:
+          raise ValueError(f"rtol must be non-negative, got {self.rtol!r}.")
+        object.__setattr__(self, "rtol", float(self.rtol))
+    if self.improve_rtol is not None:
+      object.__setattr__(self, "improve_rtol", float(self.improve_rtol))
+    if self.check_tol is not None:
+      object.__setattr__(self, "check_tol", obj_lib.check_positive(self.check_tol, "check_tol"))
+    object.__setattr__(self, "stability", stab_lib.as_stability(self.stability))
+    for name in ("safeguard", "check"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
+    if self.throw not in (None, True, False):
+      raise TypeError(f"throw must be None or a bool, got {self.throw!r}.")
+
+
+_SOLVER_SHORTCUTS = ("step_size", "normalize", "max_step_size")
+
+
+def make_config(
+  config: TeleportConfig | None = None,
+  *,
+  objective: Any = None,
+  solver: Any = None,
+  num_steps: Any = None,
+  step_size: Any = None,
+  normalize: Any = None,
+  safeguard: Any = None,
+  max_step_size: Any = None,
+  rtol: Any = None,
+  stability: Any = None,
+  check: Any = None,
+  throw: Any = None,
+) -> TeleportConfig:
+  """A :class:`TeleportConfig` from ``config`` and keyword shortcuts (which win)."""
+  if config is not None and not isinstance(config, TeleportConfig):
+    raise TypeError(f"config must be a teleport_jax.TeleportConfig, got {type(config).__name__}.")
+  base = config or TeleportConfig()
+  changes = {
+    k: v
+    for k, v in dict(
+      objective=objective,
+      solver=solver,
+      num_steps=num_steps,
+      safeguard=safeguard,
+      rtol=rtol,
+      stability=stability,
+      check=check,
+      throw=throw,
+    ).items()
+    if v is not None
+  }
+  cfg = dataclasses.replace(base, **changes) if changes else base
+  lie_kwargs = {
+    k: v
+    for k, v in dict(step_size=step_size, normalize=normalize, max_step_size=max_step_size).items()
+    if v is not None
+  }
+  if lie_kwargs:
+    if not isinstance(cfg.solver, backends.Lie):
+      raise ValueError(
+        f"{', '.join(lie_kwargs)} configure the 'lie' solver; set the fields of "
+        f"{type(cfg.solver).__name__} instead."
+      )
+    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, **lie_kwargs))
+  return cfg
+
+
+def bind_and_validate(loss_fn, params, data, symmetry, config: TeleportConfig):
+  """Checks the arguments and returns the symmetry bound to this loss (layer order)."""
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  if not isinstance(symmetry, sym_lib.Symmetry):
-    raise TypeError(
-      "symmetry must be a teleport_jax symmetry (PositiveRescaling, LinearGL, "
-      f"DataDependentGL, Rotation, ...), got {type(symmetry).__name__}."
+  params_dtype(params)
+  if config.solver.needs_symmetry or symmetry is not None:
+    if not isinstance(symmetry, sym_lib.Symmetry):
+      raise TypeError(
+        "symmetry must be a teleport_jax symmetry (PositiveRescaling, LinearGL, "
+        f"DataDependentGL, Product, ...), got {type(symmetry).__name__}."
+      )
+    if symmetry.needs_data and data is None:
+      raise ValueError(f"data is required: {type(symmetry).__name__} depends on the batch.")
+    symmetry = symmetry.bind(loss_fn, params, data)
+    symmetry.validate(params, data)
+  return symmetry
+
+
+def _tree_finite(tree) -> chex.Array:
+  return layouts.tree_leaves_finite(tree)
+
+
+def _where(pred, a, b):
+  return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+class _Carry(NamedTuple):
+  w: Any
+  g: Any
+  jv: chex.Array
+  value: chex.Array
+  value0: chex.Array
+  aux: Any
+  bstate: Any
+  accepted: chex.Array
+  n_nonfinite: chex.Array
+  n_drift: chex.Array
+  n_unstable: chex.Array
+  stab: Any
+
+
+def run(
+  loss_fn: Callable,
+  params: chex.ArrayTree,
+  data: Any,
+  symmetry: sym_lib.Symmetry | None,
+  config: TeleportConfig,
+  context: obj_lib.ObjectiveContext | None = None,
+  *,
+  track_element: bool = False,
+  value_and_grad0: tuple | None = None,
+):
+  """The driver, without validation (traceable; the caller binds the symmetry).
+
+  ``value_and_grad0`` is ``(loss, grads)`` at ``params`` (upcast to the compute
+  dtype) if the caller already has them.
+
+  Returns:
+    ``(new_params, info, grads, g)``: ``grads`` is the loss gradient at
+    ``new_params`` (an optimizer step after the teleport needs it); ``g`` the
+    group element from ``params`` to ``new_params`` when ``track_element``
+    (the identity if rejected), else ``None``.
+  """
+  solver = config.solver
+  objective = config.objective
+  orig = params
+  dtype0 = params_dtype(params)
+  dtype = compute_dtype(dtype0)
+  params = _upcast(params)
+  rtol = default_rtol(dtype0) if config.rtol is None else config.rtol
+  eps = jnp.finfo(dtype).eps
+  tiny = jnp.finfo(dtype).tiny
+  improve_rtol = 128 * float(eps) if config.improve_rtol is None else config.improve_rtol
+  track = track_element and solver.tracks_element and symmetry is not None
+  loss_of = lambda p: obj_lib.call_loss(loss_fn, p, data)  # noqa: E731
+
+  if value_and_grad0 is None:
+    loss0, grads0 = jax.value_and_grad(loss_of)(params)
+  else:
+    loss0, grads0 = value_and_grad0
+  gnorm0 = optax.tree.vdot(grads0, grads0)
+  inputs_finite = (
+    _tree_finite(params)
+    & (_tree_finite(data) if data is not None else True)
+    & jnp.isfinite(loss0)
+    & jnp.isfinite(gnorm0)
+  )
+  loss_scale = jnp.maximum(jnp.abs(loss0), tiny)
+  wg = optax.tree.norm(jax.tree_util.tree_map(lambda w, g: w * g, params, grads0))
+  rounding = (jnp.finfo(dtype0).eps * wg / loss_scale + eps).astype(dtype)
+
+  loss_dtype = jnp.result_type(loss0)
+  check_tol = config.check_tol
+  if check_tol is None:
+    check_tol = max(check_lib.default_check_tol(dtype), check_lib.default_check_tol(loss_dtype))
+  if config.check and symmetry is not None:
+    res = check_lib.symmetry_check(
+      loss_of,
+      symmetry,
+      params,
+      data,
+      grads0,
+      tol=check_tol,
+      finite_tol=max(10 * rtol, 100 * float(eps)),
     )
-  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-    raise ValueError(f"num_steps must be a non-negative int, got {num_steps!r}.")
-  for name, v in (("step_size", step_size), ("max_step_size", max_step_size)):
-    if not isinstance(v, (int, float)) or not v > 0:
-      raise ValueError(f"{name} must be a positive number, got {v!r}.")
-  if rtol is not None and not rtol >= 0:
-    raise ValueError(f"rtol must be non-negative, got {rtol!r}.")
-  if symmetry.needs_data and data is None:
-    raise ValueError(f"data is required: {type(symmetry).__name__} depends on the batch.")
-  sym_lib.check_finite(params, "params")
-  if data is not None:
-    sym_lib.check_finite(data, "data")
-  symmetry.validate(params, data)
+  else:
+    res = check_lib.CheckResult(
+      jnp.zeros((), dtype), jnp.zeros((), dtype), jnp.asarray(True), jnp.asarray(True)
+    )
+
+  g0 = symmetry.identity(params) if track else None
+  bound = obj_lib.bind(objective, loss_fn, params, data, context)
+  problem = backends.Problem(
+    loss_fn=loss_fn,
+    data=data,
+    symmetry=symmetry,
+    objective=bound,
+    sign=1.0 if objective.maximize else -1.0,
+    dtype=dtype,
+    params0=params,
+    loss0=loss0,
+  )
+  bstate, aux0 = solver.init(problem, params)
+  stability = config.stability
+  stab0 = stability.init(loss_of, params, context, g0) if stability is not None else None
+
+  def body(i, c: _Carry) -> _Carry:
+    first = i == 0
+    cand, step = solver.propose(problem, c.w, c.bstate, c.aux)
+    cand = _where(first, c.w, cand)
+    g_cand = None
+    if track:
+      g_cand = _where(first, c.g, symmetry.compose(c.g, step))
+    jv, value, loss, aux = solver.evaluate(problem, cand, g_cand)
+    jv, value, loss = (jnp.asarray(x).astype(dtype) for x in (jv, value, loss))
+    # an infinite objective marks an infeasible point (a constraint), not a failure
+    feasible = ~jnp.isinf(jv)
+    finite = (
+      ~jnp.isnan(jv) & jnp.isfinite(loss) & _tree_finite(cand) & (_tree_finite(aux) | ~feasible)
+    )
+    # keep proposals finite even from a point whose objective gradient is not
+    # (e.g. an infeasible start); non-finite steps were counted above
+    aux = jax.tree_util.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0), aux)
+    drift = jnp.abs(loss - loss0) / loss_scale
+    within = drift <= rtol
+    improved = jv > c.jv + improve_rtol * jnp.maximum(jnp.abs(c.jv), tiny)
+    ok = finite & within & improved & feasible if config.safeguard else finite & feasible
+    stab = c.stab
+    stable = jnp.asarray(True)
+    if stability is not None:
+
+      def check_stability(_):
+        return stability.check(loss_of, cand, context, g_cand, c.stab)
+
+      stable, stab = jax.lax.cond(
+        ok & ~first, check_stability, lambda _: (jnp.asarray(True), c.stab), None
+      )
+      ok = ok & stable
+    ok = first | ok
+    notfirst = ~first
+    new = _Carry(
+      w=cand,
+      g=g_cand,
+      jv=jv,
+      value=value,
+      value0=c.value0,
+      aux=aux,
+      bstate=c.bstate,
+      accepted=c.accepted,
+      n_nonfinite=c.n_nonfinite,
+      n_drift=c.n_drift,
+      n_unstable=c.n_unstable,
+      stab=stab,
+    )
+    kept = _where(ok, new, c)
+    bstate = solver.update(c.bstate, ok)
+    bstate = _where(first, c.bstate, bstate)
+    return kept._replace(
+      value0=jnp.where(first, value, c.value0).astype(c.value0.dtype),
+      bstate=bstate,
+      accepted=c.accepted + (ok & notfirst).astype(jnp.int32),
+      n_nonfinite=c.n_nonfinite + (notfirst & ~finite).astype(jnp.int32),
+      n_drift=c.n_drift + (notfirst & finite & ~within & bool(config.safeguard)).astype(jnp.int32),
+      n_unstable=c.n_unstable
+      + (notfirst & finite & within & (~stable | ~feasible)).astype(jnp.int32),
+    )
+
+  nan = jnp.asarray(jnp.nan, dtype)
+  zi = jnp.zeros((), jnp.int32)
+  init = _Carry(
+    w=params,
+    g=g0,
+    jv=jnp.asarray(-jnp.inf, dtype),
+    value=nan,
+    value0=nan,
+    aux=aux0,
+    bstate=bstate,
+    accepted=zi,
+    n_nonfinite=zi,
+    n_drift=zi,
+    n_unstable=zi,
+    stab=stab0,
+  )
+  run_search = inputs_finite & res.ok & res.moves
+  if config.num_steps == 0:
+    value0 = jnp.asarray(bound(params, g0)[0], dtype)
+    out = init._replace(value=value0, value0=value0)
+  else:
+
+    def search(_):
+      return jax.lax.fori_loop(0, config.num_steps + 1, body, init)
+
+    def skip(_):
+      return init
+
+    out = jax.lax.cond(run_search, search, skip, None)
+
+  cand = symmetry.act(params, out.g, data) if track else out.w
+  new_c = optax.tree.cast_like(cand, orig)
+  cand_eval = _upcast(new_c)
+  loss1, grads1 = jax.value_and_grad(loss_of)(cand_eval)
+  gnorm1 = optax.tree.vdot(grads1, grads1)
+  drift = jnp.abs(loss1 - loss0) / loss_scale
+  finite1 = _tree_finite(new_c) & jnp.isfinite(loss1) & jnp.isfinite(gnorm1)
+  moved = jnp.any(
+    jnp.stack(
+      [
+        jnp.any(a != b)
+        for a, b in zip(jax.tree_util.tree_leaves(new_c), jax.tree_util.tree_leaves(orig))
+      ]
+    )
+  )
+  S = TeleportStatus  # noqa: N806
+  steps = config.num_steps
+  nothing = jnp.where(
+    (out.n_nonfinite == steps) & (steps > 0),
+    S.STEPS_NONFINITE,
+    jnp.where(
+      (out.n_drift > 0) & (out.n_drift >= out.n_unstable),
+      S.STEPS_LEFT_LEVEL_SET,
+      jnp.where(out.n_unstable > 0, S.UNSTABLE, S.NO_IMPROVEMENT),
+    ),
+  )
+  status = jnp.where(
+    ~inputs_finite,
+    S.NONFINITE_INPUT,
+    jnp.where(
+      ~res.ok,
+      S.NOT_A_SYMMETRY,
+      jnp.where(
+        ~res.moves,
+        S.NOTHING_TO_MOVE,
+        jnp.where(
+          (out.accepted == 0) | ~moved,
+          nothing,
+          jnp.where(~finite1, S.NONFINITE, jnp.where(drift > rtol, S.LOSS_DRIFT, S.SUCCESSFUL)),
+        ),
+      ),
+    ),
+  ).astype(jnp.int32)
+  accepted = status == S.SUCCESSFUL
+  new_params = _where(accepted, new_c, orig)
+  grads = optax.tree.cast_like(_where(accepted, grads1, grads0), orig)
+  stats = solver.stats(out.bstate)
+  info = TeleportInfo(
+    accepted=accepted,
+    status=status,
+    loss_before=loss0.astype(dtype),
+    loss_after=jnp.where(accepted, loss1, loss0).astype(dtype),
+    grad_norm_sq_before=gnorm0.astype(dtype),
+    grad_norm_sq_after=jnp.where(accepted, gnorm1, gnorm0).astype(dtype),
+    rel_loss_drift=drift.astype(dtype),
+    objective_before=jnp.asarray(out.value0, dtype),
+    objective_after=jnp.asarray(out.value, dtype),
+    num_accepted_steps=out.accepted,
+    final_step_size=jnp.asarray(stats.get("final_step_size", jnp.nan), dtype),
+    rounding_level=rounding,
+    symmetry_error=jnp.asarray(res.error, dtype),
+    num_nonfinite_steps=out.n_nonfinite,
+    num_drift_steps=out.n_drift,
+    num_unstable_steps=out.n_unstable,
+    step_sharpness_before=(nan if stab0 is None else stab0.sigma0.astype(dtype)),
+    step_sharpness_after=(nan if out.stab is None else out.stab.sigma.astype(dtype)),
+    stats={k: jnp.asarray(v, dtype) for k, v in stats.items()},
+  )
+  g_out = None
+  if track:
+    g_out = _where(accepted, out.g, symmetry.identity(params))
+  return new_params, info, grads, g_out
+
+
+def _has_tracer(tree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _run_static(loss_fn, params, data, symmetry, optimizer, opt_state, *, config):
+  context = None
+  if optimizer is not None:
+    context = obj_lib.ObjectiveContext(optimizer, lambda p, g: opt_state, {})
+  new_params, info, _, _ = run(loss_fn, params, data, symmetry, config, context)
+  return new_params, info
+
+
+_run_jit = jax.jit(_run_static, static_argnums=(0, 4), static_argnames=("config",))
 
 
 def teleport(
@@ -141,59 +683,71 @@ def teleport(
   params: chex.ArrayTree,
   data: Any = None,
   *,
-  symmetry: sym_lib.Symmetry,
-  objective: obj_lib.Objective | str | Callable = "max_grad_norm",
-  num_steps: int = 10,
-  step_size: float = 0.1,
-  normalize: bool = True,
-  safeguard: bool = True,
-  max_step_size: float = 1.0,
+  symmetry: sym_lib.Symmetry | None = None,
+  config: TeleportConfig | None = None,
+  objective: obj_lib.Objective | str | Callable | None = None,
+  solver: Any = None,
+  num_steps: int | None = None,
+  step_size: float | None = None,
+  normalize: bool | None = None,
+  safeguard: bool | None = None,
+  max_step_size: float | None = None,
   rtol: float | None = None,
+  stability: Any = None,
+  check: bool | None = None,
+  throw: bool | None = None,
+  optimizer: optax.GradientTransformation | None = None,
+  opt_state: optax.OptState | None = None,
 ) -> tuple[chex.ArrayTree, TeleportInfo]:
-  r"""Moves ``params`` along the orbit of ``symmetry`` to optimise ``objective``.
+  r"""Moves ``params`` along the orbit of ``symmetry`` to optimise an objective.
 
-  Runs ``num_steps`` steps of gradient ascent (or descent for minimised
-  objectives) on the Lie algebra inside a ``lax.fori_loop``: at the current
-  point ``w`` it differentiates ``J(xi) = objective(act(w, retract(xi)))`` at
-  ``xi = 0``, takes ``xi = step_size * grad / |grad|`` (or ``step_size * grad``
-  with ``normalize=False``) and moves to ``act(w, retract(xi))``, where
-  ``retract`` is the group's first-order exponential (the Cayley transform
-  for matrix groups: always a true, invertible group element).
+  With the default back-end (``solver="lie"``) it runs ``num_steps`` steps of
+  gradient ascent (or descent for minimised objectives) on the group's Lie
+  algebra inside a ``lax.fori_loop`` (see :class:`teleport_jax.solvers.Lie`).
+  The driver checks first that the group is a symmetry of this loss, keeps an
+  inner step only if it is finite, keeps the loss within ``rtol`` and improves
+  the objective beyond rounding, and finally returns the original ``params``
+  (bit for bit) unless the teleported point moved, is finite and keeps the
+  loss within ``rtol``; ``info.status`` says what happened (see
+  :class:`TeleportStatus`).
 
-  With ``safeguard=True`` (default) a step is kept only if it improves the
-  objective, keeps every value finite and keeps the loss within ``rtol`` of the
-  starting loss; a kept step grows the step size by 1.5 (up to
-  ``max_step_size``), a refused one halves it. This keeps group elements well
-  conditioned (``|xi| <= max_step_size`` per step) without tuning.
-
-  Finally the candidate's loss is compared with the original loss: if the
-  relative change exceeds ``rtol`` or anything is non-finite, the teleport is
-  rejected and the *original* ``params`` are returned; ``info.status`` says why.
+  Settings come from ``config`` (a :class:`TeleportConfig`) or the keyword
+  shortcuts, which override it: ``objective`` (default ``"lookahead"``: the
+  loss after 5 gradient steps of size ``1/lambda_max``, a bounded objective),
+  ``solver`` (``"lie"``), ``num_steps`` (10), ``rtol``
+  (:func:`default_rtol` of the parameters' dtype), ``safeguard`` (``True``),
+  ``stability`` (off), ``check`` (``True``), ``throw`` (``None``) and the Lie
+  back-end's ``step_size`` (0.1), ``normalize`` (``True``),
+  ``max_step_size`` (1.0). Numbers may be Python, NumPy or JAX scalars.
 
   Args:
     loss_fn: ``loss_fn(params, data) -> scalar`` (``loss_fn(params)`` when
       ``data`` is ``None``).
-    params: parameter pytree.
+    params: parameter pytree (any floating dtype; bfloat16/float16 are
+      teleported in float32 and cast back).
     data: the batch passed to ``loss_fn`` (and to data-dependent symmetries).
-    symmetry: the group, e.g. :class:`teleport_jax.DataDependentGL`.
-    objective: ``"max_grad_norm"`` (default), ``"min_grad_norm"``, an
-      :class:`teleport_jax.Objective` or a callable
-      ``fn(loss_fn, params, data) -> scalar`` to maximise.
-    num_steps: inner steps (static: a different value recompiles).
-    step_size: initial inner step size (norm of the algebra step if normalised).
-    normalize: whether to normalise the algebra gradient.
-    safeguard: whether to keep only improving steps and adapt the step size.
-    max_step_size: cap on the adapted step size.
-    rtol: allowed relative loss change; default 1e-4 (float32) or 1e-8 (float64).
+    symmetry: the group, e.g. :class:`teleport_jax.PositiveRescaling`, a
+      :class:`teleport_jax.Product` or the result of
+      :func:`teleport_jax.find_symmetries`. For the MLP groups without an
+      explicit layout the layer order is read from how ``loss_fn`` calls the
+      model.
+    config: a :class:`TeleportConfig`.
+    objective, solver, num_steps, step_size, normalize, safeguard,
+      max_step_size, rtol, stability, check, throw: shortcuts for the fields of
+      ``config`` and of the Lie back-end.
+    optimizer: the optax optimizer that will run after the teleport (for
+      :func:`teleport_jax.optimizer_lookahead` and the stability bound).
+    opt_state: its state at ``params``.
 
   Returns:
     ``(new_params, info)``; ``new_params`` has the structure and dtypes of
     ``params``; ``info`` is a :class:`TeleportInfo`.
 
   Raises:
-    TypeError, ValueError: for bad arguments, before any computation. Non-finite
-      ``params``/``data`` raise when concrete; under ``jit`` they give
-      ``status == NONFINITE_INPUT`` instead.
+    TypeError, ValueError: for bad arguments, before any computation; called
+      eagerly, also when the group is not a symmetry of the loss (unless
+      ``throw=False``), naming the failing layers and the likely cause.
+    TeleportError: with ``throw=True``, for any rejected teleport (eagerly).
 
   Examples:
     >>> import jax, jax.numpy as jnp, teleport_jax as tj
@@ -203,28 +757,65 @@ def teleport(
     >>> act = tj.leaky_relu(0.1)
     >>> loss = lambda p, d: 0.5 * jnp.sum((d[1] - p[1] @ act(p[0] @ d[0])) ** 2)
     >>> sym = tj.DataDependentGL(activation=act)
-    >>> new, info = tj.teleport(loss, params, (x, y), symmetry=sym)
+    >>> new, info = tj.teleport(loss, params, (x, y), symmetry=sym, objective="max_grad_norm")
     >>> bool(info.accepted), bool(info.grad_norm_sq_after > info.grad_norm_sq_before)
     (True, True)
   """
-  objective = obj_lib.as_objective(objective)
-  _validate(loss_fn, params, data, symmetry, num_steps, step_size, max_step_size, rtol)
-  if rtol is None:
-    rtol = default_rtol(_params_dtype(params))
-  new_params, info, _ = _teleport_jit(
-    loss_fn,
-    params,
-    data,
-    symmetry=symmetry,
+  config = make_config(
+    config,
     objective=objective,
+    solver=solver,
     num_steps=num_steps,
     step_size=step_size,
     normalize=normalize,
     safeguard=safeguard,
     max_step_size=max_step_size,
     rtol=rtol,
+    stability=stability,
+    check=check,
+    throw=throw,
   )
+  symmetry = bind_and_validate(loss_fn, params, data, symmetry, config)
+  if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+    raise TypeError(
+      f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+    )
+  if optimizer is not None and opt_state is None:
+    raise ValueError("opt_state is required with optimizer= (the state at params).")
+  if optimizer is not None:
+    optimizer = optax.with_extra_args_support(optimizer)
+  traced = _has_tracer((params, data, opt_state))
+  static = dataclasses.replace(config, throw=None)  # raising happens outside: no recompile
+  if traced or not _hashable(static):
+    new_params, info = _run_static(
+      loss_fn, params, data, symmetry, optimizer, opt_state, config=config
+    )
+  else:
+    new_params, info = _run_jit(
+      loss_fn, params, data, symmetry, optimizer, opt_state, config=static
+    )
+  if not traced:
+    _raise_if_asked(info, config, loss_fn, params, data, symmetry)
   return new_params, info
+
+
+def _hashable(x) -> bool:
+  try:
+    hash(x)
+  except TypeError:
+    return False
+  return True
+
+
+def _raise_if_asked(info, config, loss_fn, params, data, symmetry):
+  status = TeleportStatus(int(info.status))
+  if status == TeleportStatus.NOT_A_SYMMETRY and config.throw is not False:
+    loss_of = lambda p: obj_lib.call_loss(loss_fn, p, data)  # noqa: E731
+    dtype = compute_dtype(params_dtype(params))
+    tol = config.check_tol or check_lib.default_check_tol(dtype)
+    raise ValueError(check_lib.diagnose(loss_of, symmetry, _upcast(params), data, tol=tol))
+  if config.throw and status != TeleportStatus.SUCCESSFUL:
+    raise TeleportError(f"{status.name}: {status.message}")
 
 
 def teleport_with_grad(
@@ -233,155 +824,34 @@ def teleport_with_grad(
   data,
   *,
   symmetry,
-  objective,
-  num_steps,
-  step_size,
-  normalize,
-  safeguard,
-  max_step_size,
-  rtol,
+  objective="max_grad_norm",
+  num_steps=10,
+  step_size=0.1,
+  normalize=True,
+  safeguard=True,
+  max_step_size=1.0,
+  rtol=None,
   compose=None,
 ):
-  """Like :func:`teleport` (no validation) and also returns the loss gradient at
-  the returned parameters, which an optimizer step after the teleport needs.
+  """Like :func:`teleport` (no validation, no symmetry check) and also returns the
+  loss gradient at the returned parameters; with ``compose`` also the group element.
 
-  With ``compose`` (``compose(g1, g2)`` -> the element acting as ``g1`` then
-  ``g2``), the accepted inner steps are also multiplied into one group element
-  ``g``, the candidate is ``act(params, g)`` and ``g`` (the identity if the
-  teleport is rejected) is returned as a fourth value, so that optimizer state
-  can be moved with the same element."""
-  objective = obj_lib.as_objective(objective)
-  dtype = _params_dtype(params)
-  rtol = default_rtol(dtype) if rtol is None else rtol
-  sign = 1.0 if objective.maximize else -1.0
-  loss_of = lambda p: obj_lib.call_loss(loss_fn, p, data)  # noqa: E731
-
-  loss0, grads0 = jax.value_and_grad(loss_of)(params)
-  gnorm0 = optax.tree.vdot(grads0, grads0)
-  inputs_finite = (
-    layouts.tree_leaves_finite(params)
-    & (layouts.tree_leaves_finite(data) if data is not None else True)
-    & jnp.isfinite(loss0)
+  Kept for code written against the first solver; new code calls :func:`run`.
+  """
+  config = TeleportConfig(
+    objective=objective,
+    solver=backends.Lie(step_size=step_size, normalize=normalize, max_step_size=max_step_size),
+    num_steps=num_steps,
+    safeguard=safeguard,
+    rtol=rtol,
+    check=False,
   )
-  loss_scale = jnp.maximum(jnp.abs(loss0), jnp.finfo(dtype).tiny)
-
-  def j_and_grad(w):
-    """Signed objective at ``w`` and its gradient on the algebra at zero."""
-
-    def j(xi):
-      moved = symmetry.act_linearized(w, xi, data)  # first order suffices at xi = 0
-      value, loss = obj_lib.evaluate(objective, loss_fn, moved, data)
-      return sign * value, (value, loss)
-
-    xi0 = symmetry.algebra_zeros(w)
-    (jv, (value, loss)), g = jax.value_and_grad(j, has_aux=True)(xi0)
-    return jv, value, loss, g
-
-  class Carry(NamedTuple):
-    w: Any
-    jv: chex.Array
-    value: chex.Array
-    value0: chex.Array
-    grad: Any
-    eta: chex.Array
-    accepted: chex.Array
-    g: Any = None  # the product of the accepted steps (only with ``compose``)
-
-  # Iteration 0 only evaluates the objective at ``params`` (so the objective's
-  # gradient graph is traced and compiled once, not twice); iterations
-  # 1..num_steps take steps.
-  def body(i, c: Carry) -> Carry:
-    first = i == 0
-    gnorm = optax.tree.norm(c.grad)
-    scale = c.eta / jnp.maximum(gnorm, jnp.finfo(dtype).tiny) if normalize else c.eta
-    xi = optax.tree.scale(scale, c.grad)
-    step = symmetry.retract(xi)
-    moved = symmetry.act(c.w, step, data)
-    cand = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), c.w, moved)
-    g_cand = None if compose is None else compose(c.g, step)
-    jv, value, loss, g = j_and_grad(cand)
-    finite = (
-      jnp.isfinite(jv)
-      & jnp.isfinite(loss)
-      & layouts.tree_leaves_finite(cand)
-      & layouts.tree_leaves_finite(g)
-    )
-    ok = finite | first
-    if safeguard:
-      drift = jnp.abs(loss - loss0) / loss_scale
-      # require an improvement beyond rounding, so drift does not creep up
-      improved = jv > c.jv + 4 * jnp.finfo(dtype).eps * jnp.abs(c.jv)
-      ok = first | (ok & improved & (drift <= rtol))
-    new = Carry(cand, jv, value, c.value0, g, c.eta, c.accepted + jnp.where(first, 0, 1), g_cand)
-    kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, c)
-    kept = kept._replace(value0=jnp.where(first, value, c.value0).astype(c.value0.dtype))
-    if safeguard:
-      eta = jnp.where(ok, jnp.minimum(c.eta * 1.5, max_step_size), c.eta * 0.5)
-      kept = kept._replace(eta=jnp.where(first, c.eta, eta).astype(c.eta.dtype))
-    return kept
-
-  nan = jnp.asarray(jnp.nan, dtype)
-  init = Carry(
-    w=params,
-    jv=jnp.asarray(-jnp.inf, dtype),
-    value=nan,
-    value0=nan,
-    grad=symmetry.algebra_zeros(params),
-    eta=jnp.asarray(step_size, dtype),
-    accepted=jnp.zeros((), jnp.int32),
-    g=None if compose is None else symmetry.identity(params),
-  )
-  if num_steps == 0:
-    out = init._replace(
-      value=jnp.asarray(obj_lib.evaluate(objective, loss_fn, params, data)[0], dtype)
-    )
-    out = out._replace(value0=out.value)
-  else:
-    out = jax.lax.fori_loop(0, num_steps + 1, body, init)
-
-  cand = out.w if compose is None else symmetry.act(params, out.g, data)
-  loss1, grads1 = jax.value_and_grad(loss_of)(cand)
-  gnorm1 = optax.tree.vdot(grads1, grads1)
-  drift = jnp.abs(loss1 - loss0) / loss_scale
-  finite = layouts.tree_leaves_finite(cand) & jnp.isfinite(loss1) & jnp.isfinite(gnorm1)
-  status = jnp.where(
-    ~inputs_finite,
-    TeleportStatus.NONFINITE_INPUT,
-    jnp.where(
-      ~finite,
-      TeleportStatus.NONFINITE,
-      jnp.where(drift > rtol, TeleportStatus.LOSS_DRIFT, TeleportStatus.SUCCESSFUL),
-    ),
-  ).astype(jnp.int32)
-  accepted = status == TeleportStatus.SUCCESSFUL
-  pick = lambda a, b: jnp.where(accepted, a, b)  # noqa: E731
-  new_params = jax.tree_util.tree_map(pick, cand, params)
-  new_params = optax.tree.cast_like(new_params, params)
-  grads = jax.tree_util.tree_map(pick, grads1, grads0)
-  info = TeleportInfo(
-    accepted=accepted,
-    status=status,
-    loss_before=loss0,
-    loss_after=pick(loss1, loss0),
-    grad_norm_sq_before=gnorm0,
-    grad_norm_sq_after=pick(gnorm1, gnorm0),
-    rel_loss_drift=drift.astype(dtype),
-    objective_before=jnp.asarray(out.value0, dtype),
-    objective_after=jnp.asarray(out.value, dtype),
-    num_accepted_steps=out.accepted,
-    final_step_size=out.eta,
+  new_params, info, grads, g = run(
+    loss_fn, params, data, symmetry, config, track_element=compose is not None
   )
   if compose is None:
     return new_params, info, grads
-  g_out = jax.tree_util.tree_map(pick, out.g, symmetry.identity(params))
-  return new_params, info, grads, g_out
-
-
-_teleport_jit = jax.jit(
-  teleport_with_grad,
-  static_argnums=(0,),
-  static_argnames=("objective", "num_steps", "normalize", "safeguard"),
-)
+  return new_params, info, grads, g
 
 
 def group_action(
@@ -392,6 +862,13 @@ def group_action(
   data: Any = None,
 ) -> chex.ArrayTree:
   """Applies the group element ``g`` of ``symmetry`` to ``params``.
+
+  Conventions: a matrix element ``A`` of a hidden layer maps its features
+  ``h -> h A`` (samples in rows): the layer's ``(in, out)`` kernel becomes
+  ``K A`` and the next kernel ``A^{-1} K``. For a list of ``W @ x`` matrices
+  (``(out, in)``, samples in columns) that is ``W_m -> A^T W_m`` and
+  ``W_{m+1} -> W_{m+1} A^{-T}``: an element ``B`` written for column features
+  (``x -> B x``, as in the published ``(I + T) @ h``) is ``A = B^T``.
 
   Args:
     params: parameter pytree.

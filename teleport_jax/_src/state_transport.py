@@ -19,11 +19,13 @@ per hidden layer. (Measured on MLPs with 2 to 4 hidden layers: the first step
 already brings the relative error from 0.3-0.6 to rounding, 1e-13 in float64.)
 
 Second moments (Adam/RMSProp ``nu``, AdaGrad ``sum_of_squares``) are running
-sums of *elementwise squares* of gradients. When the transport is diagonal
-(:class:`~teleport_jax.PositiveRescaling`: ``c' = r * c`` elementwise) they move
-exactly by ``r ** 2``. For the GL groups the transport mixes coordinates and the
-square of a mixed vector is not a function of the elementwise squares, so no
-exact transport exists; second moments are then kept unchanged.
+sums of *elementwise squares* of gradients. Where the transport is elementwise
+(``c' = r * c``: :class:`~teleport_jax.PositiveRescaling`, and the diagonal
+parts of a :class:`~teleport_jax.Product`, as reported by
+:meth:`~teleport_jax.Symmetry.cotangent_scale`) they move exactly by
+``r ** 2``. Where a group mixes coordinates (GL, rotations) the square of a
+mixed vector is not a function of the elementwise squares, so no exact
+transport exists; second moments of those leaves are kept unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src import paths as paths_lib
 from teleport_jax._src import symmetry as sym_lib
 
 # optax state types and their fields that hold running sums of gradients
@@ -55,18 +58,7 @@ SECOND_MOMENT_FIELDS: dict[type, tuple[str, ...]] = {
 
 
 def composer(symmetry: sym_lib.Symmetry) -> Callable[[Any, Any], Any]:
-  """``symmetry.compose``, checked: the element that acts as ``g1`` and then ``g2``.
-
-  Raises:
-    ValueError: for symmetries that do not implement
-      :meth:`~teleport_jax.Symmetry.compose` (PositiveRescaling, LinearGL and
-      DataDependentGL do).
-  """
-  if type(symmetry).compose is sym_lib.Symmetry.compose:
-    raise ValueError(
-      "symmetry: moving optimizer state is implemented for PositiveRescaling, LinearGL "
-      f"and DataDependentGL, got {type(symmetry).__name__}."
-    )
+  """``symmetry.compose``: the element that acts as ``g1`` and then ``g2``."""
   return symmetry.compose
 
 
@@ -189,10 +181,7 @@ def transport_state(
     >>> (moved[0].nu[1] / state[0].nu[1]).tolist()
     [[4.0, 1.0, 0.25]]
   """
-  diagonal = symmetry.diagonal_transport
-  if diagonal:
-    ones = jax.tree_util.tree_map(jnp.ones_like, params)
-    factor = transport_cotangent(ones, params, new_params, g, symmetry=symmetry, data=data)
+  factors = _second_moment_factors(symmetry, params, new_params, g, data)
   known = tuple(set(FIRST_MOMENT_FIELDS) | set(SECOND_MOMENT_FIELDS))
 
   def move(node):
@@ -205,13 +194,40 @@ def transport_state(
         changes[name] = transport_cotangent(
           value, params, new_params, g, symmetry=symmetry, data=data
         )
-    if diagonal:
+    if factors is not None:
       for name in SECOND_MOMENT_FIELDS.get(type(node), ()):
         value = getattr(node, name)
         if _same_structure(value, params):
           changes[name] = jax.tree_util.tree_map(
-            lambda v, r: (v * jnp.square(r).astype(v.dtype)).astype(v.dtype), value, factor
+            lambda v, r: v if r is None else (v * jnp.square(r).astype(v.dtype)).astype(v.dtype),
+            value,
+            factors,
+            is_leaf=lambda x: x is None,
           )
     return node._replace(**changes) if changes else node
 
   return jax.tree_util.tree_map(move, opt_state, is_leaf=lambda x: isinstance(x, known))
+
+
+def _second_moment_factors(symmetry, params, new_params, g, data):
+  """Per-leaf elementwise cotangent factors (``None`` where the group mixes coordinates).
+
+  Returns a pytree like ``params`` with an array or ``None`` per leaf, or
+  ``None`` when no leaf has an elementwise factor.
+  """
+  scale = symmetry.cotangent_scale(params, g, data)
+  if scale is None:
+    if not symmetry.diagonal_transport:
+      return None
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    return transport_cotangent(ones, params, new_params, g, symmetry=symmetry, data=data)
+  index = paths_lib.LeafIndex(params)
+  out = []
+  for path, leaf in zip(index.paths, index.leaves):
+    if path in scale:
+      out.append(scale[path])
+    else:
+      out.append(jnp.ones_like(leaf))
+  if all(x is None for x in out):
+    return None
+  return jax.tree_util.tree_unflatten(index.treedef, out)

@@ -8,8 +8,20 @@ point with a better gradient. Every group here exposes:
 * ``algebra_zeros(params)``: the zero of the Lie algebra (the search space);
 * ``exp(xi)``: algebra element -> group element, with an exact ``inverse``;
 * ``act(params, g, data)``: the action, returning a new parameter pytree;
+* ``compose(g1, g2)``: the element acting as ``g1`` and then ``g2``;
+* ``cotangent_scale(params, g, data)``: how a gradient moves with ``g`` when
+  that is elementwise (diagonal groups), ``None`` otherwise;
 * ``needs_data``: whether ``act`` depends on the batch (data-dependent groups
   are only loss-invariant on the batch they were built from).
+
+**Conventions.** Internally a layer computes ``h @ K`` with samples in rows and
+features in columns (flax's ``(in, out)`` kernels). A matrix group element
+``A`` of a hidden layer maps its features ``h -> h A`` (it acts on the
+*right*): the layer's kernel becomes ``K A`` and the next kernel ``A^{-1} K``.
+For a list of ``W @ x`` matrices (``(out, in)``, samples in columns) the same
+element maps the feature columns ``x -> A^T x``: an element ``B`` written in
+that convention (features ``x -> B x``, as in the published ``(I + T) @ h``)
+is ``A = B^T``.
 
 Group elements and algebra elements are pytrees (tuples of per-layer arrays for
 MLP groups), so they can be ``vmap``-ed, differentiated and carried through
@@ -36,7 +48,7 @@ class Symmetry(abc.ABC):
   """Abstract base class of a symmetry group acting on parameters."""
 
   needs_data: bool = False
-  # whether the cotangent transport of an element is elementwise (a diagonal map)
+  #: whether the cotangent transport of an element is elementwise (a diagonal map)
   diagonal_transport: bool = False
 
   @abc.abstractmethod
@@ -45,7 +57,12 @@ class Symmetry(abc.ABC):
 
   @abc.abstractmethod
   def exp(self, xi: AlgebraElement) -> GroupElement:
-    """Maps a Lie-algebra element to a group element."""
+    """Maps a Lie-algebra element to a group element.
+
+    For matrix groups this is the matrix exponential of each block; the
+    element acts on features from the right (``h -> h exp(xi)``, see the module
+    docstring for the ``W @ x`` convention).
+    """
 
   @abc.abstractmethod
   def inverse(self, g: GroupElement) -> GroupElement:
@@ -84,14 +101,33 @@ class Symmetry(abc.ABC):
     """
     return self.act(params, self.retract(xi), data)
 
+  @abc.abstractmethod
   def compose(self, g1: GroupElement, g2: GroupElement) -> GroupElement:
-    """The element that acts as ``g1`` and then ``g2``.
+    """The element that acts as ``g1`` and then ``g2``:
+    ``act(act(w, g1), g2) == act(w, compose(g1, g2))``."""
 
-    Raises:
-      NotImplementedError: for groups that do not define it (the teleport
-        solver then cannot return the product of its steps).
+  def cotangent_scale(
+    self, params: chex.ArrayTree, g: GroupElement, data: Any = None
+  ) -> dict[tuple[str, ...], chex.Array | None] | None:
+    """Elementwise factors ``r`` that move a gradient with ``g``: ``c' = r * c``.
+
+    Returns a dict from leaf path (a tuple of key names) to the factor, with
+    ``None`` for a leaf the group mixes (no elementwise transport exists
+    there); leaves not in the dict are untouched (factor 1). ``None`` for a
+    group that is not elementwise at all. Optimizer second moments move by
+    ``r ** 2`` where a factor exists.
     """
-    raise NotImplementedError(f"{type(self).__name__} does not implement compose.")
+    del params, g, data
+    return None
+
+  def bind(self, loss_fn: Callable, params: chex.ArrayTree, data: Any = None) -> Symmetry:
+    """The symmetry resolved for a model: e.g. its layer order read from ``loss_fn``.
+
+    The teleport calls this once per compiled call with its loss, parameters
+    and batch. Default: ``self``.
+    """
+    del loss_fn, params, data
+    return self
 
   def validate(self, params: chex.ArrayTree, data: Any = None) -> None:
     """Raises ``ValueError``/``TypeError`` if ``params``/``data`` do not fit."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -16,6 +18,7 @@ import optax
 from teleport_jax._src import objectives as obj_lib
 from teleport_jax._src import schedules as sched_lib
 from teleport_jax._src import solver
+from teleport_jax._src import stability as stab_lib
 from teleport_jax._src import state_transport
 from teleport_jax._src import symmetry as sym_lib
 
@@ -64,19 +67,71 @@ def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
   return {k: v for k, v in kwargs.items() if k in names}
 
 
+def _repeats(schedule: sched_lib.Schedule) -> bool:
+  """Whether a schedule can fire more than once."""
+  import numpy as np
+
+  leaves = jax.tree_util.tree_leaves(schedule)
+  if any(isinstance(x, jax.core.Tracer) for x in leaves):
+    return True  # unknown (e.g. under optax.inject_hyperparams): the safe choice
+  if isinstance(schedule, sched_lib.AtSteps):
+    return int(np.sum(np.asarray(schedule.steps) >= 0)) > 1
+  period, start, stop = (
+    int(np.asarray(x)) for x in (schedule.period, schedule.start, schedule.stop)
+  )
+  return stop - start > period
+
+
+def _check_chain_position() -> None:
+  """Raises if this update runs inside an ``optax.chain`` next to other links.
+
+  A link before ``with_teleport`` would be bypassed at a teleport step (the
+  optimizer step is taken from the gradient re-evaluated at the teleported
+  point); a link after it would rescale the jump ``w' - w``. Detected at
+  trace time from the calling ``optax.chain``.
+  """
+  frame = sys._getframe(1)
+  depth = 0
+  while frame is not None and depth < 12:
+    code = frame.f_code
+    filename = code.co_filename.replace("\\", "/")
+    if code.co_name == "update_fn" and "/optax/" in filename and "comb" in filename:
+      local = frame.f_locals
+      fns, fn = local.get("update_fns"), local.get("fn")
+      if fns is not None and fn is not None and len(fns) > 1:
+        position = [f is fn for f in fns].index(True) if any(f is fn for f in fns) else None
+        if position is not None:
+          raise ValueError(
+            f"with_teleport is link {position + 1} of {len(fns)} of an optax.chain: at a "
+            "teleport step the links before it would be bypassed (the step is taken from "
+            "the gradient at the teleported point) and the links after it would rescale "
+            "the teleport's jump. Make it the outermost transformation and put the other "
+            "links inside: tj.with_teleport(optax.chain(optax.clip_by_global_norm(1.0), "
+            "optax.adam(1e-3)), symmetry, schedule)."
+          )
+      return
+    frame = frame.f_back
+    depth += 1
+
+
 def with_teleport(
   optimizer: optax.GradientTransformation,
-  symmetry: sym_lib.Symmetry,
+  symmetry: sym_lib.Symmetry | None,
   schedule: Any,
   *,
-  objective: obj_lib.Objective | str | Callable = "max_grad_norm",
-  num_steps: int = 10,
-  step_size: float = 0.1,
-  normalize: bool = True,
-  safeguard: bool = True,
-  max_step_size: float = 1.0,
+  config: solver.TeleportConfig | None = None,
+  objective: obj_lib.Objective | str | Callable | None = None,
+  solver_backend: Any = None,
+  num_steps: int | None = None,
+  step_size: float | None = None,
+  normalize: bool | None = None,
+  safeguard: bool | None = None,
+  max_step_size: float | None = None,
   rtol: float | None = None,
+  stability: Any = "auto",
+  check: bool | None = None,
   state_policy: StatePolicy = "keep",
+  grad_rtol: float = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it teleports on a schedule.
 
@@ -84,9 +139,7 @@ def with_teleport(
   :func:`optax.scale_by_zoom_linesearch` does): ``update`` takes
   ``value_fn`` — ``value_fn(params, **extra_args) -> loss`` — and the batch as
   further keyword arguments, which reach ``value_fn`` (and the symmetry, for
-  data-dependent groups). Keywords ``value_fn`` does not accept are dropped,
-  so the transformation can sit in an :func:`optax.chain` with links that take
-  other keywords.
+  data-dependent groups). Keywords ``value_fn`` does not accept are dropped.
 
   At a step where ``schedule(count)`` is true (decided inside jit with
   ``lax.cond``), the update is
@@ -94,9 +147,25 @@ def with_teleport(
   .. math:: u = (w' - w) + \mathrm{opt}(\nabla L(w')),\qquad w' = \mathrm{teleport}(w)
 
   i.e. teleport, then take the optimizer's step *from the teleported point*
-  (the gradient is re-evaluated there; the incoming ``updates``, computed at
-  ``w``, are not used). A rejected teleport keeps ``w' = w`` and uses the
-  incoming updates. At every other step it is exactly ``optimizer``.
+  (the gradient is re-evaluated there). A rejected teleport keeps ``w' = w``
+  and uses the incoming updates. At every other step it is exactly
+  ``optimizer``.
+
+  **Safe defaults.** The default objective simulates the wrapped optimizer
+  (:func:`teleport_jax.optimizer_lookahead`, 5 steps from its state), so the
+  teleport knows the optimizer's step size, schedule and preconditioner. A
+  schedule that teleports more than once is stability-constrained
+  (``stability="auto"``): no kept inner step may make the optimizer's step
+  sharpness exceed ``max(2, 1.05 x its value before)`` (:class:`~teleport_jax.Stability`);
+  pass ``stability=False`` to opt out, or a :class:`~teleport_jax.Stability`.
+
+  **Place it outermost.** Inside an :func:`optax.chain` with other links it
+  raises a ``ValueError`` (links before it would be bypassed at teleport steps,
+  links after it would rescale the jump); put them inside:
+  ``with_teleport(optax.chain(optax.clip_by_global_norm(1.), optax.adam(1e-3)), ...)``.
+  At a teleport step the incoming updates must also equal the loss gradient
+  (within ``grad_rtol``); otherwise the teleport is rejected with status
+  ``TRANSFORMED_UPDATES`` and the incoming updates are used.
 
   Optimizer state at a teleport (``state_policy``):
 
@@ -108,30 +177,26 @@ def with_teleport(
     bias correction restarts.
   * ``"transport"``: the state is moved with the group element, by
     :func:`teleport_jax.transport_state`: momentum and first moments are
-    transported as cotangents (exactly: the gradient at ``w`` maps to the
-    gradient at ``w'``); second moments (Adam/RMSProp ``nu``, AdaGrad
-    ``sum_of_squares``) are rescaled exactly for
-    :class:`~teleport_jax.PositiveRescaling` and kept for the GL groups, which
-    mix coordinates. The teleport then also accumulates its inner steps into one
-    group element ``g`` and moves to ``w' = g . w`` (for the data-free groups the
-    same point up to rounding; for :class:`~teleport_jax.DataDependentGL` a point
-    with the same features on the batch). Supported for ``PositiveRescaling``,
-    ``LinearGL`` and ``DataDependentGL``.
-
-  Place clipping or other gradient transforms *inside* (``with_teleport(
-  optax.chain(optax.clip_by_global_norm(1.), optax.adam(1e-3)), ...)``) so they
-  also apply to the gradient at the teleported point, and make this
-  transformation the outermost one (or the last link of a chain): its update
-  contains the jump ``w' - w``, which a later link would rescale.
+    transported as cotangents (exactly); second moments are rescaled exactly
+    where the group is elementwise and kept where it mixes coordinates. The
+    teleport then also accumulates its inner steps into one group element
+    ``g`` and moves to ``w' = g . w``. Needs a back-end that moves along a group.
 
   Args:
     optimizer: the optax optimizer to wrap.
-    symmetry: the group to teleport with.
+    symmetry: the group to teleport with (``None`` for group-free back-ends).
     schedule: an int ``k`` (every ``k`` steps, from step 0), a list of step
       counts, or :func:`every`, :func:`at_steps`, :func:`first`.
-    objective, num_steps, step_size, normalize, safeguard, max_step_size, rtol:
-      passed to :func:`teleport_jax.teleport`.
+    config: a :class:`~teleport_jax.TeleportConfig` (its objective ``"lookahead"``
+      means :func:`~teleport_jax.optimizer_lookahead` here).
+    objective, solver_backend, num_steps, step_size, normalize, safeguard,
+      max_step_size, rtol, check: shortcuts for the fields of ``config``
+      (``solver_backend`` is its ``solver``).
+    stability: ``"auto"`` (default: on for repeating schedules), ``True``,
+      ``False``/``None`` or a :class:`~teleport_jax.Stability`.
     state_policy: ``"keep"``, ``"reset"`` or ``"transport"``.
+    grad_rtol: how far the incoming updates may be from the loss gradient at a
+      teleport step.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -155,37 +220,53 @@ def with_teleport(
     raise TypeError(
       f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
     )
-  if not isinstance(symmetry, sym_lib.Symmetry):
-    raise TypeError(f"symmetry must be a teleport_jax symmetry, got {type(symmetry).__name__}.")
   if state_policy not in STATE_POLICIES:
     raise ValueError(
       f"state_policy must be one of {', '.join(map(repr, STATE_POLICIES))}, got {state_policy!r}."
     )
-  compose = state_transport.composer(symmetry) if state_policy == "transport" else None
   schedule = sched_lib.as_schedule(schedule)
-  objective = obj_lib.as_objective(objective)
-  optimizer = optax.with_extra_args_support(optimizer)
-  kwargs = dict(
-    symmetry=symmetry,
+  if isinstance(stability, str):
+    if stability != "auto":
+      raise ValueError(f"stability must be 'auto', a bool or a Stability, got {stability!r}.")
+    stability = True if _repeats(schedule) else None
+  if objective is None and (
+    config is None or config.objective.name.startswith("lookahead_loss(lr=1/")
+  ):
+    objective = obj_lib.optimizer_lookahead(5)
+  cfg = solver.make_config(
+    config,
     objective=objective,
+    solver=solver_backend,
     num_steps=num_steps,
     step_size=step_size,
     normalize=normalize,
     safeguard=safeguard,
     max_step_size=max_step_size,
     rtol=rtol,
+    check=check,
   )
+  cfg = dataclasses.replace(cfg, stability=stab_lib.as_stability(stability))
+  if cfg.solver.needs_symmetry and not isinstance(symmetry, sym_lib.Symmetry):
+    raise TypeError(f"symmetry must be a teleport_jax symmetry, got {type(symmetry).__name__}.")
+  if state_policy == "transport" and not cfg.solver.tracks_element:
+    raise ValueError(
+      f"state_policy='transport' moves optimizer state with the teleport's group element; "
+      f"the {type(cfg.solver).__name__} back-end has none. Use 'keep' or 'reset'."
+    )
+  grad_rtol = obj_lib.check_positive(grad_rtol, "grad_rtol")
+  optimizer = optax.with_extra_args_support(optimizer)
+  track = state_policy == "transport"
 
   def init_fn(params):
-    dtype = solver._params_dtype(params)
+    dtype = solver.params_dtype(params)
     return TeleportState(
       count=jnp.zeros((), jnp.int32),
       inner_state=optimizer.init(params),
       schedule=schedule,
-      info=solver.empty_info(dtype),
+      info=solver.empty_info(dtype, cfg.solver),
       num_teleports=jnp.zeros((), jnp.int32),
       num_rejected=jnp.zeros((), jnp.int32),
-      max_rel_loss_drift=jnp.zeros((), dtype),
+      max_rel_loss_drift=jnp.zeros((), solver.compute_dtype(dtype)),
     )
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -196,43 +277,64 @@ def with_teleport(
         "value_fn must be passed to update (value_fn(params, **batch) -> loss), "
         "following optax's convention for transformations that need the loss."
       )
+    _check_chain_position()
     data = _accepted_kwargs(value_fn, extra_args)
-    loss_fn = lambda p, d: value_fn(p, **d)  # noqa: E731
-    if symmetry.needs_data and not data:
+    loss_fn = _KeywordLoss(value_fn)
+    if symmetry is not None and symmetry.needs_data and not data:
       raise ValueError(
         f"{type(symmetry).__name__} needs the batch: pass it to update as keyword "
         "arguments that value_fn accepts (value_fn(params, x=..., y=...))."
       )
-    solver._validate(loss_fn, params, data, symmetry, num_steps, step_size, max_step_size, rtol)
+    sym = solver.bind_and_validate(loss_fn, params, data, symmetry, cfg)
+    inner = state.inner_state
+
+    def state_at(p, g):
+      if state_policy == "reset":
+        return optimizer.init(p)
+      if state_policy == "transport" and g is not None:
+        return state_transport.transport_state(inner, params, p, g, symmetry=sym, data=data)
+      return inner
+
+    context = obj_lib.ObjectiveContext(optimizer, state_at, dict(value_fn=value_fn, **extra_args))
 
     def teleport_branch(_):
-      if compose is None:
-        new_params, info, grads = solver.teleport_with_grad(loss_fn, params, data, **kwargs)
-      else:
-        new_params, info, grads, g = solver.teleport_with_grad(
-          loss_fn, params, data, compose=compose, **kwargs
-        )
-      grads = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(info.accepted, a, b).astype(jnp.asarray(b).dtype), grads, updates
+      loss0, g0 = jax.value_and_grad(loss_fn)(solver._upcast(params), data)
+      new_params, info, grads, g = solver.run(
+        loss_fn, params, data, sym, cfg, context, track_element=track, value_and_grad0=(loss0, g0)
       )
-      inner = state.inner_state
+      # the incoming updates must be the loss gradient at params (nothing transformed them)
+      diff = optax.tree.norm(optax.tree.sub(updates, optax.tree.cast_like(g0, updates)))
+      ref = jnp.maximum(optax.tree.norm(g0), jnp.finfo(info.loss_before.dtype).tiny)
+      transformed = diff > grad_rtol * ref
+      ok = info.accepted & ~transformed
+      info = info._replace(
+        accepted=ok,
+        status=jnp.where(
+          transformed, solver.TeleportStatus.TRANSFORMED_UPDATES, info.status
+        ).astype(jnp.int32),
+      )
+      new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
+      grads = jax.tree_util.tree_map(
+        lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), grads, updates
+      )
+      moved_inner = inner
       if state_policy == "reset":
         fresh = optimizer.init(new_params)
-        inner = jax.tree_util.tree_map(lambda a, b: jnp.where(info.accepted, a, b), fresh, inner)
+        moved_inner = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), fresh, inner)
       elif state_policy == "transport":
         moved = state_transport.transport_state(
-          inner, params, new_params, g, symmetry=symmetry, data=data
+          inner, params, new_params, g, symmetry=sym, data=data
         )
-        inner = jax.tree_util.tree_map(
-          lambda a, b: jnp.where(info.accepted, a, b).astype(jnp.asarray(b).dtype), moved, inner
+        moved_inner = jax.tree_util.tree_map(
+          lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), moved, inner
         )
       info = jax.tree_util.tree_map(
         lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, state.info
       )
-      return new_params, grads, inner, info
+      return new_params, grads, moved_inner, info
 
     def skip_branch(_):
-      return params, updates, state.inner_state, state.info
+      return params, updates, inner, state.info
 
     do = state.schedule(state.count)
     new_params, grads, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
@@ -258,3 +360,19 @@ def with_teleport(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _KeywordLoss:
+  """``loss(params, data_dict) = value_fn(params, **data_dict)``; hashable by ``value_fn``."""
+
+  def __init__(self, value_fn):
+    self.value_fn = value_fn
+
+  def __call__(self, params, data):
+    return self.value_fn(params, **data)
+
+  def __eq__(self, other):
+    return type(other) is _KeywordLoss and other.value_fn is self.value_fn
+
+  def __hash__(self):
+    return hash(("keyword_loss", id(self.value_fn)))

@@ -248,6 +248,7 @@ def run_one(problem: Problem, method: Method, start, steps: int | None = None) -
   drifts = hist["drift"][:end][acc]
   all_drifts = hist["drift"][:end][done]
   first = np.nonzero(acc)[0]
+  tried = np.nonzero(done)[0]  # a teleport that found nothing to improve has gain 1
   return dict(
     **hist,
     iters_to_tol=iters,
@@ -259,8 +260,8 @@ def run_one(problem: Problem, method: Method, start, steps: int | None = None) -
     rel_loss_drifts=common.finite_list(all_drifts),
     first_teleport_sharpness=sharpness(problem, hist["wt"][first[0]]) if first.size else None,
     first_teleport_gain=(
-      float(hist["grad_norm_sq_after"][first[0]] / hist["grad_norm_sq_before"][first[0]])
-      if first.size
+      float(hist["grad_norm_sq_after"][tried[0]] / hist["grad_norm_sq_before"][tried[0]])
+      if tried.size
       else None
     ),
     final_loss=float(loss[-1]),

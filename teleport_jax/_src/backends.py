@@ -1,0 +1,205 @@
+r"""Teleport back-ends: how the next candidate point is proposed.
+
+The driver (:func:`teleport_jax.teleport`) owns the ``lax`` loop, the guard
+(a step is kept iff it is finite, keeps the loss within ``rtol`` and improves
+the objective beyond rounding) and the :class:`~teleport_jax.TeleportInfo`. A
+back-end only proposes. It is a frozen dataclass whose fields are its
+hyper-parameters, with
+
+* ``init(problem, params) -> (state, aux)``: its state at the start point and
+  an ``aux`` with the structure :meth:`evaluate` returns (zeros);
+* ``evaluate(problem, params, g) -> (signed_value, value, loss, aux)``: the
+  objective at a point and what the next proposal needs there (e.g. a
+  gradient);
+* ``propose(problem, params, state, aux) -> (candidate, step)``: the next
+  candidate from the current accepted point (``step`` is a group element
+  when the back-end moves along a group, else ``None``);
+* ``update(state, accepted) -> state``: adapts to the driver's decision;
+* ``stats(state) -> dict``: its own statistics, reported in
+  ``TeleportInfo.stats``.
+
+``"lie"`` (:class:`Lie`) is gradient ascent on the group's Lie algebra.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src import symmetry as sym_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What a back-end works on (built by the driver inside the trace).
+
+  Attributes:
+    loss_fn: the loss, ``loss_fn(params, data)``.
+    data: the batch.
+    symmetry: the group (``None`` for group-free back-ends).
+    objective: ``objective(params, g) -> (value, loss)`` (bound at the start point).
+    sign: ``+1`` to maximise the objective, ``-1`` to minimise it.
+    dtype: the compute dtype.
+    params0: the start point.
+    loss0: the loss at the start point.
+  """
+
+  loss_fn: Callable
+  data: Any
+  symmetry: sym_lib.Symmetry | None
+  objective: Callable
+  sign: float
+  dtype: Any
+  params0: Any
+  loss0: Any
+
+  def loss(self, params):
+    return obj_lib.call_loss(self.loss_fn, params, self.data)
+
+  def signed(self, params, g=None):
+    value, loss = self.objective(params, g)
+    return self.sign * value, (value, loss)
+
+
+class Solver(abc.ABC):
+  """A teleport back-end (see the module docstring)."""
+
+  #: whether the back-end needs a symmetry group
+  needs_symmetry: bool = True
+  #: whether ``propose`` returns group elements (so optimizer state can be transported)
+  tracks_element: bool = False
+
+  @abc.abstractmethod
+  def init(self, problem: Problem, params) -> Any: ...
+
+  @abc.abstractmethod
+  def evaluate(
+    self, problem: Problem, params, g
+  ) -> tuple[chex.Array, chex.Array, chex.Array, Any]: ...
+
+  @abc.abstractmethod
+  def propose(self, problem: Problem, params, state, aux) -> tuple[Any, Any]: ...
+
+  @abc.abstractmethod
+  def update(self, state, accepted: chex.Array) -> Any: ...
+
+  def stats(self, state) -> dict[str, chex.Array]:
+    del state
+    return {}
+
+  def stats_template(self, dtype) -> dict[str, chex.Array]:
+    """Zeros with the structure of :meth:`stats` (for an info record before any teleport)."""
+    del dtype
+    return {}
+
+  def cost_per_step(self) -> float:
+    """Extra work per inner step, in objective-gradient evaluations (for reports)."""
+    return 1.0
+
+
+class LieState(NamedTuple):
+  eta: chex.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Lie(Solver):
+  r"""Gradient ascent (or descent) on the group's Lie algebra.
+
+  At the current point ``w`` it differentiates
+  ``J(xi) = objective(act_linearized(w, xi))`` at ``xi = 0`` (first order is
+  all the gradient needs, so matrix groups use ``I + xi``, no factorisation),
+  takes ``xi = step_size * grad / |grad|`` (or ``step_size * grad`` with
+  ``normalize=False``) and moves to ``act(w, retract(xi))``: a true group
+  element (the Cayley transform for matrix groups). A kept step grows the step
+  size by ``grow`` (up to ``max_step_size``), a refused one multiplies it by
+  ``shrink``.
+
+  Attributes:
+    step_size: initial step (norm of the algebra step when normalised).
+    normalize: normalise the algebra gradient.
+    max_step_size: cap on the adapted step size.
+    grow: factor after a kept step.
+    shrink: factor after a refused step.
+  """
+
+  step_size: Any = 0.1
+  normalize: bool = True
+  max_step_size: Any = 1.0
+  grow: float = 1.5
+  shrink: float = 0.5
+
+  needs_symmetry = True
+  tracks_element = True
+
+  def __post_init__(self):
+    object.__setattr__(self, "step_size", obj_lib.check_positive(self.step_size, "step_size"))
+    object.__setattr__(
+      self, "max_step_size", obj_lib.check_positive(self.max_step_size, "max_step_size")
+    )
+    if not isinstance(self.normalize, bool):
+      raise TypeError(f"normalize must be a bool, got {self.normalize!r}.")
+
+  def init(self, problem, params):
+    state = LieState(eta=jnp.asarray(self.step_size, problem.dtype))
+    return state, problem.symmetry.algebra_zeros(params)
+
+  def evaluate(self, problem, w, g):
+    sym = problem.symmetry
+
+    def j(xi):
+      moved = sym.act_linearized(w, xi, problem.data)  # first order suffices at xi = 0
+      jv, aux = problem.signed(moved, g)
+      return jv, aux
+
+    xi0 = sym.algebra_zeros(w)
+    (jv, (value, loss)), grad = jax.value_and_grad(j, has_aux=True)(xi0)
+    return jv, value, loss, grad
+
+  def propose(self, problem, w, state, aux):
+    gnorm = optax.tree.norm(aux)
+    tiny = jnp.finfo(problem.dtype).tiny
+    scale = state.eta / jnp.maximum(gnorm, tiny) if self.normalize else state.eta
+    xi = optax.tree.scale(scale, aux)
+    step = problem.symmetry.retract(xi)
+    return problem.symmetry.act(w, step, problem.data), step
+
+  def update(self, state, accepted):
+    eta = jnp.where(
+      accepted, jnp.minimum(state.eta * self.grow, self.max_step_size), state.eta * self.shrink
+    )
+    return LieState(eta=eta.astype(state.eta.dtype))
+
+  def stats(self, state):
+    return {"final_step_size": state.eta}
+
+  def stats_template(self, dtype):
+    return {"final_step_size": jnp.zeros((), dtype)}
+
+  def cost_per_step(self) -> float:
+    return 1.0
+
+
+SOLVERS: dict[str, Callable[[], Solver]] = {"lie": Lie}
+
+
+def as_solver(solver: Solver | str | None) -> Solver:
+  """A back-end from itself or a short name (``"lie"``, ``"nullspace"``, ``"levelset"``)."""
+  if solver is None:
+    return Lie()
+  if isinstance(solver, Solver):
+    return solver
+  if isinstance(solver, str):
+    key = solver.lower().replace("-", "").replace("_", "")
+    if key in SOLVERS:
+      return SOLVERS[key]()
+    raise ValueError(f"Unknown solver {solver!r}; expected one of {sorted(SOLVERS)} or a Solver.")
+  raise TypeError(f"solver must be a name or a teleport_jax Solver, got {type(solver).__name__}.")
