@@ -14,11 +14,22 @@ hyper-parameters, with
 * ``propose(problem, params, state, aux) -> (candidate, step)``: the next
   candidate from the current accepted point (``step`` is a group element
   when the back-end moves along a group, else ``None``);
-* ``update(state, accepted) -> state``: adapts to the driver's decision;
+* ``update(state, accepted, improvement, aux) -> state``: adapts to the
+  driver's decision (``improvement`` is the signed objective change of the
+  proposal, ``aux`` what the proposal was made from);
 * ``stats(state) -> dict``: its own statistics, reported in
-  ``TeleportInfo.stats``.
+  ``TeleportInfo.stats``;
+* ``moves(state)``: whether anything can move at all (``False``: the driver
+  reports ``NOTHING_TO_MOVE`` without searching);
+* ``cost_per_step()``: the work of one inner step, in gradient evaluations,
+  counting the objective's gradient as one.
 
-``"lie"`` (:class:`Lie`) is gradient ascent on the group's Lie algebra.
+``"lie"`` (:class:`Lie`) is gradient ascent on the group's Lie algebra. Two
+back-ends need no group (``needs_symmetry = False``, ``symmetry=None``):
+``"nullspace"`` (:class:`~teleport_jax.NullSpace`, the objective's gradient
+projected onto the null space of each layer's input batch) and ``"levelset"``
+(:class:`~teleport_jax.LevelSet`, tangent steps on the loss level set with
+Newton corrections back onto it).
 """
 
 from __future__ import annotations
@@ -90,11 +101,16 @@ class Solver(abc.ABC):
   def propose(self, problem: Problem, params, state, aux) -> tuple[Any, Any]: ...
 
   @abc.abstractmethod
-  def update(self, state, accepted: chex.Array) -> Any: ...
+  def update(self, state, accepted: chex.Array, improvement: chex.Array, aux: Any) -> Any: ...
 
   def stats(self, state) -> dict[str, chex.Array]:
     del state
     return {}
+
+  def moves(self, state) -> chex.Array | bool:
+    """Whether anything can move (``False``: status ``NOTHING_TO_MOVE``, no search)."""
+    del state
+    return True
 
   def stats_template(self, dtype) -> dict[str, chex.Array]:
     """Zeros with the structure of :meth:`stats` (for an info record before any teleport)."""
@@ -119,23 +135,35 @@ class Lie(Solver):
   all the gradient needs, so matrix groups use ``I + xi``, no factorisation),
   takes ``xi = step_size * grad / |grad|`` (or ``step_size * grad`` with
   ``normalize=False``) and moves to ``act(w, retract(xi))``: a true group
-  element (the Cayley transform for matrix groups). A kept step grows the step
-  size by ``grow`` (up to ``max_step_size``), a refused one multiplies it by
-  ``shrink``.
+  element (the Cayley transform for matrix groups).
+
+  The step size adapts like a trust region: a refused step multiplies it by
+  ``shrink``; a kept step whose improvement is at least half the first-order
+  prediction (``step_size * |grad|``, or ``step_size * |grad|^2``) grows it by
+  ``grow`` (up to ``max_step_size``), one that brings less than a tenth of it
+  shrinks it. Near an optimum of the orbit the steps therefore shrink and the
+  search converges, instead of bouncing around the optimum with full-size
+  normalised steps (a chaotic map, on which two machines' rounding would lead
+  to different points).
 
   Attributes:
     step_size: initial step (norm of the algebra step when normalised).
     normalize: normalise the algebra gradient.
-    max_step_size: cap on the adapted step size.
-    grow: factor after a kept step.
-    shrink: factor after a refused step.
+    max_step_size: cap on the adapted step size (default 0.5: with larger normalised
+      steps the search is chaotic near an optimum, and one device and eight, or two
+      machines, end on visibly different points of the orbit).
+    grow: largest factor after a kept step.
+    shrink: factor after a refused step (and the smallest after a kept one).
+    trust_region: adapt kept steps by the ratio of actual to predicted
+      improvement (default); ``False`` grows every kept step by ``grow``.
   """
 
   step_size: Any = 0.1
   normalize: bool = True
-  max_step_size: Any = 1.0
+  max_step_size: Any = 0.5
   grow: float = 1.5
   shrink: float = 0.5
+  trust_region: bool = True
 
   needs_symmetry = True
   tracks_element = True
@@ -172,10 +200,16 @@ class Lie(Solver):
     step = problem.symmetry.retract(xi)
     return problem.symmetry.act(w, step, problem.data), step
 
-  def update(self, state, accepted):
-    eta = jnp.where(
-      accepted, jnp.minimum(state.eta * self.grow, self.max_step_size), state.eta * self.shrink
-    )
+  def update(self, state, accepted, improvement, aux):
+    gnorm = optax.tree.norm(aux)
+    predicted = state.eta * (gnorm if self.normalize else gnorm * gnorm)
+    ratio = improvement / jnp.maximum(predicted, jnp.finfo(state.eta.dtype).tiny)
+    # continuous in the ratio: rounding cannot flip a discrete choice here
+    factor = jnp.clip(self.shrink + (self.grow - self.shrink) * ratio, self.shrink, self.grow)
+    if not self.trust_region:
+      factor = self.grow
+    kept = jnp.minimum(state.eta * factor, self.max_step_size)
+    eta = jnp.where(accepted, kept, state.eta * self.shrink)
     return LieState(eta=eta.astype(state.eta.dtype))
 
   def stats(self, state):
@@ -188,7 +222,23 @@ class Lie(Solver):
     return 1.0
 
 
-SOLVERS: dict[str, Callable[[], Solver]] = {"lie": Lie}
+def _nullspace() -> Solver:
+  from teleport_jax._src.nullspace import NullSpace
+
+  return NullSpace()
+
+
+def _levelset() -> Solver:
+  from teleport_jax._src.levelset import LevelSet
+
+  return LevelSet()
+
+
+SOLVERS: dict[str, Callable[[], Solver]] = {
+  "lie": Lie,
+  "nullspace": _nullspace,
+  "levelset": _levelset,
+}
 
 
 def as_solver(solver: Solver | str | None) -> Solver:
@@ -201,5 +251,7 @@ def as_solver(solver: Solver | str | None) -> Solver:
     key = solver.lower().replace("-", "").replace("_", "")
     if key in SOLVERS:
       return SOLVERS[key]()
-    raise ValueError(f"Unknown solver {solver!r}; expected one of {sorted(SOLVERS)} or a Solver.")
+    raise ValueError(
+      f"Unknown solver {solver!r}; expected one of {sorted(SOLVERS)} or a teleport_jax Solver."
+    )
   raise TypeError(f"solver must be a name or a teleport_jax Solver, got {type(solver).__name__}.")

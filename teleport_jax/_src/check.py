@@ -15,8 +15,9 @@ vanishing gradient at a critical point). For an exact action ``e`` is at the
 rounding level; for a group that is not a symmetry (rescaling across GELU,
 tanh or a LayerNorm, layers chained across a residual add, layers in the wrong
 order, a wrong declared activation) it is of order ``0.1``. The check also
-applies one finite random element and measures the loss change, and reports
-when no generator moves the parameters at all (nothing to teleport).
+reports when no generator moves the parameters at all (nothing to teleport). Finite
+elements are the guard's business: every inner step of a teleport is one, and
+it is kept only if the loss stays within ``rtol``.
 
 The check costs about one gradient evaluation plus a few forward-mode
 products through the action, once per teleport.
@@ -41,9 +42,9 @@ class CheckResult(NamedTuple):
 
   Attributes:
     error: the largest relative first-order loss change (a cosine in [0, 1]).
-    finite_drift: relative loss change under one finite random element.
+    finite_drift: reserved (0): finite elements are checked by the teleport's guard.
     moves: whether any generator moves the parameters.
-    ok: ``error <= tol`` and ``finite_drift <= finite_tol`` (and everything finite).
+    ok: ``error <= tol`` (or nothing moves).
   """
 
   error: chex.Array
@@ -117,10 +118,8 @@ def symmetry_check(
   grads: chex.ArrayTree,
   *,
   tol: float,
-  finite_tol: float,
   num_directions: int = 2,
   perturbation: float = 1e-2,
-  finite_size: float = 1e-2,
   seed: int = 0,
 ) -> CheckResult:
   """Checks numerically that ``symmetry`` keeps ``loss_of`` (see the module docstring).
@@ -132,10 +131,8 @@ def symmetry_check(
     data: the batch, passed to data-dependent actions.
     grads: ``grad(loss_of)(params)`` (already computed by the teleport).
     tol: largest allowed cosine.
-    finite_tol: largest allowed relative loss change under the finite element.
     num_directions: random generators per point.
     perturbation: size of the perturbed point, relative to each leaf's RMS.
-    finite_size: norm of the finite random algebra element.
     seed: seed of the directions and the perturbation (fixed: reproducible).
 
   Returns:
@@ -168,15 +165,10 @@ def symmetry_check(
   ).astype(dtype)
   moves = jnp.any(moving0)
 
-  # one finite element: the loss must stay on its level set
-  xi = unravel((finite_size * dirs[0]).astype(zeros_flat.dtype))
-  moved = symmetry.act(params, symmetry.retract(xi), data)
-  l0 = loss_of(params)
-  l1 = loss_of(moved)
-  finite_drift = (jnp.abs(l1 - l0) / jnp.maximum(jnp.abs(l0), tiny)).astype(dtype)
-  ok = (error <= tol) & (~moves | (finite_drift <= finite_tol)) & jnp.isfinite(l1)
-  ok = ok | ~moves
-  return CheckResult(error, finite_drift, moves, ok)
+  # (finite elements are checked by the teleport's guard: every inner step is one, and it is
+  # kept only if the loss stays within rtol)
+  ok = (error <= tol) | ~moves
+  return CheckResult(error, jnp.zeros((), dtype), moves, ok)
 
 
 def _parts(zeros) -> list[int] | None:

@@ -249,11 +249,15 @@ class DataDependentGL(mlp.MLPGroupMixin, symmetry.Symmetry):
       return super().act_linearized(params, xi, data)
     kernels, _ = self._layout(params).get(params)
     x = self.inputs(params, data).astype(kernels[0].dtype)
-    g = tuple(jnp.eye(a.shape[0], dtype=a.dtype) + a for a in xi)
-    return self._act_exact(params, g, x, lambda a, k: 2 * k - a @ k)  # (I - xi) K
+    # linear in xi and exactly the identity at xi = 0 (no rounding moves the point)
+    return self._act_exact(params, tuple(xi), x, lambda a, k: k - a @ k, linear=True)
 
-  def _act_exact(self, params, g, x, inv_apply):
-    """The exact action; ``inv_apply(A, K)`` applies ``A^{-1}`` to the outgoing kernel."""
+  def _act_exact(self, params, g, x, inv_apply, linear=False):
+    """The exact action; ``inv_apply(A, K)`` applies ``A^{-1}`` to the outgoing kernel.
+
+    With ``linear``, ``g`` holds algebra elements and the feature change is the
+    first-order one, ``jvp(sigma^{-1}, sigma(Z), sigma(Z) xi)``.
+    """
     layout = self._layout(params)
     kernels, biases = layout.get(params)
     mlp.check_group_shapes(g, len(kernels) - 1, [k.shape[1] for k in kernels[:-1]], vector=False)
@@ -264,8 +268,12 @@ class DataDependentGL(mlp.MLPGroupMixin, symmetry.Symmetry):
     for m, (k, b) in enumerate(zip(kernels, biases)):
       if m < len(kernels) - 1 and active[m]:
         a = g[m].astype(k.dtype)
-        target = sigma.inverse(sigma(pre[m]) @ a)
-        delta = _pinv_apply(_augment(layer_inputs[m], b), target - pre[m], self.rcond)
+        h = sigma(pre[m])
+        if linear:
+          change = jax.jvp(sigma.inverse, (h,), (h @ a,))[1]
+        else:  # exactly zero at the identity: the same rounding on both sides
+          change = sigma.inverse(h @ a) - sigma.inverse(h)
+        delta = _pinv_apply(_augment(layer_inputs[m], b), change, self.rcond)
         k, b = _split_kb(_stack_kb(k, b) + delta, b)
       if m > 0 and active[m - 1]:
         k = inv_apply(g[m - 1].astype(k.dtype), k)

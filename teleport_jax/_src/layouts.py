@@ -211,6 +211,8 @@ def infer_layout(
         kpaths.append(tuple(path))
       elif getattr(leaf, "ndim", None) == 1:
         bpaths.append(tuple(path))
+    if kernel_format is None and call is not None:
+      kernel_format = _format_from_call(params, kpaths, call)
     if len(kpaths) < 2:
       raise ValueError(
         f"params: found {len(kpaths)} dense layer(s); teleporting needs at least two "
@@ -244,6 +246,8 @@ def infer_layout(
     )
   if call is not None:
     order = _order_from_call(params, list(kernels), call)
+    if kernel_format is None:
+      kernel_format = _format_from_call(params, order, call)
   elif _auto_numbered(list(kernels)):
     order = sorted(kernels, key=_natural_key)
   else:
@@ -277,6 +281,37 @@ def _auto_numbered(kernel_paths: list[KeyPath]) -> bool:
       return False
     prefixes.add(match.group(1))
   return len(prefixes) == 1
+
+
+def _positions(params, kernel_paths, call):
+  """Flat positions of ``kernel_paths`` among the leaves of ``call``'s arguments."""
+  fn, args = call
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  target = {tuple(p): i for i, (p, _) in enumerate(flat)}
+  arg_leaves = jax.tree_util.tree_leaves(args)
+  params_leaves = [leaf for _, leaf in flat]
+  for i in range(len(arg_leaves) - len(params_leaves) + 1):
+    if all(arg_leaves[i + j] is params_leaves[j] for j in range(len(params_leaves))):
+      return [i + target[p] for p in kernel_paths]
+  raise ValueError("infer_layout: call=(fn, args) must pass params itself among args.")
+
+
+def _format_from_call(params, kernel_paths, call) -> KernelFormat | None:
+  """``"in_out"`` if the model contracts the kernels' first axis (``x @ K``), ``"out_in"``
+  if their second (``K @ x``); ``None`` if the call does not say."""
+  from teleport_jax._src import tracing
+
+  fn, args = call
+  try:
+    uses = tracing.first_uses(fn, args, _positions(params, kernel_paths, call))
+  except (TypeError, ValueError):  # the call does not trace with these params: the
+    return None  # shape checks that follow name the bad layer
+  axes = {u[1] for u in uses if u is not None and u[1] is not None}
+  if axes == {(0,)}:
+    return "in_out"
+  if axes == {(1,)}:
+    return "out_in"
+  return None
 
 
 def _order_from_call(params, kernel_paths: list[KeyPath], call) -> list[KeyPath]:

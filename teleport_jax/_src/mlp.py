@@ -69,12 +69,7 @@ class MLPGroupMixin:
     if self.layout is not None:
       return self
     call = (_LossCall(loss_fn), (params, data))
-    layout = layouts.infer_layout(params, call=call) if _named(params) else self._layout(params)
-    return dataclasses.replace(self, layout=layout)
-
-
-def _named(params) -> bool:
-  return not isinstance(params, (list, tuple))
+    return dataclasses.replace(self, layout=layouts.infer_layout(params, call=call))
 
 
 def check_group_shapes(g, num_hidden: int, dims, *, vector: bool) -> None:

@@ -13,9 +13,10 @@ iteration is stable when the eigenvalues of :math:`-T` stay in ``(0, 2)`` (up to
 :class:`Stability` is a constraint the teleport driver applies to every inner
 step: the *step sharpness* :math:`\sigma = |\lambda_{\max}(-T)|` at the
 candidate must stay below a bound, by default
-:math:`\max(\text{threshold}, (1 + \text{margin})\,\sigma_0)` with
-:math:`\sigma_0` at the start point: a teleport may not make the optimizer
-less stable than it already is, or than plain gradient descent's limit. Inside
+:math:`\max(\text{threshold}, \sigma_0)` with :math:`\sigma_0` at the start
+point: a teleport may not make the optimizer less stable than it already is,
+or than plain gradient descent's limit. (No slack by default: with a slack, a
+schedule of teleports could ratchet the sharpness up by that slack each time.) Inside
 :func:`teleport_jax.with_teleport` ``T`` is the wrapped optax optimizer's own
 step (a Jacobian-vector product through ``optimizer.update`` at the candidate's
 state); on its own, :func:`teleport_jax.teleport` uses ``learning_rate * H``
@@ -56,7 +57,7 @@ class Stability:
       stability limit (safe for momentum and Adam too, whose limits are higher).
       ``None``: only the relative bound.
     relative: also allow up to ``(1 + margin)`` times the start point's value.
-    margin: slack of the relative bound.
+    margin: slack of the relative bound (default 0).
     learning_rate: without an optimizer (plain :func:`teleport_jax.teleport`),
       ``T = -learning_rate * H``; ``None`` measures ``H`` alone (relative bound only).
     num_iterations: power iterations at the start point.
@@ -65,7 +66,7 @@ class Stability:
 
   threshold: float | None = 2.0
   relative: bool = True
-  margin: float = 0.05
+  margin: float = 0.0
   learning_rate: Any = None
   num_iterations: int = 20
   warm_iterations: int = 5

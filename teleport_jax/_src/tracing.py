@@ -120,10 +120,10 @@ def make_jaxpr(fn: Callable, *args) -> Any:
     return _cached_jaxpr.__wrapped__(fn, treedef, avals)
 
 
-def first_use_order(
+def first_uses(
   fn: Callable, args: Sequence[Any], leaf_positions: Sequence[int]
-) -> list[int | None]:
-  """For each flat input position, the index of the first contraction that uses it.
+) -> list[tuple[int, tuple[int, ...] | None] | None]:
+  """For each flat input position: its first contraction and the leaf axes it contracts.
 
   Args:
     fn: the function, called as ``fn(*args)``.
@@ -131,23 +131,179 @@ def first_use_order(
     leaf_positions: positions among the flattened leaves of ``args``.
 
   Returns:
-    One entry per position: the execution index of the first
-    ``dot_general``/``conv_general_dilated`` that reads the leaf (through
-    views and casts), or ``None`` if none does.
+    One entry per position: ``None`` if no ``dot_general``/``conv_general_dilated``
+    reads the leaf (through views and casts), else ``(index, axes)`` with the
+    execution index of the first one and the leaf's own axes it contracts
+    (``None`` when a reshape between them hides which).
   """
   closed = make_jaxpr(fn, *args)
   jaxpr = closed.jaxpr
-  source: dict[Any, int] = {jaxpr.invars[p]: p for p in leaf_positions}
-  first: dict[int, int] = {}
+  # identity -> (leaf position, permutation from the view's axes to the leaf's, or None)
+  source: dict[Any, tuple[int, tuple[int, ...] | None]] = {}
+  for p in leaf_positions:
+    ndim = len(jaxpr.invars[p].aval.shape)
+    source[jaxpr.invars[p]] = (p, tuple(range(ndim)))
+  first: dict[int, tuple[int, tuple[int, ...] | None]] = {}
   for t, (eqn, ins) in enumerate(walk(jaxpr)):
-    srcs = [source.get(v) for v in ins if v is not None]
     name = eqn.primitive.name
+    srcs = [source.get(v) if v is not None else None for v in ins]
     if name in VIEW_PRIMITIVES and srcs and srcs[0] is not None:
+      pos, perm = srcs[0]
+      if perm is not None and name == "transpose":
+        perm = tuple(perm[i] for i in eqn.params["permutation"])
+      elif name not in ("convert_element_type", "copy", "copy_p", "reduce_precision"):
+        perm = None
       for ov in eqn.outvars:
-        source[ov] = srcs[0]
+        source[ov] = (pos, perm)
       continue
     if name in CONTRACTIONS:
-      for s in srcs:
-        if s is not None and s not in first:
-          first[s] = t
+      for operand, src in enumerate(srcs[:2]):
+        if src is None or src[0] in first:
+          continue
+        pos, perm = src
+        axes = None
+        if name == "dot_general" and perm is not None:
+          (lc, rc), _ = eqn.params["dimension_numbers"]
+          contracted = lc if operand == 0 else rc
+          axes = tuple(sorted(perm[a] for a in contracted))
+        first[pos] = (t, axes)
   return [first.get(p) for p in leaf_positions]
+
+
+def first_use_order(
+  fn: Callable, args: Sequence[Any], leaf_positions: Sequence[int]
+) -> list[int | None]:
+  """For each flat input position, the index of the first contraction that uses it
+  (``None`` if none does); see :func:`first_uses`."""
+  return [None if u is None else u[0] for u in first_uses(fn, args, leaf_positions)]
+
+
+# ------------------------------------------------------------ flat programs
+LOOPS = frozenset({"while", "cond", "scan"})
+
+
+class Eqn:
+  """One equation of a flat program: variables are ints, literals are :class:`Const`.
+
+  Attributes:
+    primitive: the primitive's name (``"dot_general"``, ``"add"``, ...).
+    params: the equation's parameters.
+    invars: input variable ids, or :class:`Const` for literals.
+    outvars: output variable ids.
+    eqn: the original ``JaxprEqn`` (for its source information).
+  """
+
+  __slots__ = ("primitive", "params", "invars", "outvars", "eqn")
+
+  def __init__(self, primitive, params, invars, outvars, eqn):
+    self.primitive = primitive
+    self.params = params
+    self.invars = invars
+    self.outvars = outvars
+    self.eqn = eqn
+
+  def __repr__(self) -> str:
+    return f"Eqn({self.primitive}, {self.invars} -> {self.outvars})"
+
+
+class Const:
+  """A literal or a closed-over constant of a flat program."""
+
+  __slots__ = ("value", "aval")
+
+  def __init__(self, value, aval):
+    self.value = value
+    self.aval = aval
+
+
+class Program:
+  """A jaxpr with its calls inlined: every variable of every call is a distinct int.
+
+  Attributes:
+    invars: the ids of the program's inputs, in ``jax.tree_util`` order.
+    outvars: the ids (or :class:`Const`) of its outputs.
+    eqns: the equations in execution order; ``while``/``cond``/``scan`` stay
+      single (opaque) equations.
+    avals: ``id -> abstract value``.
+    consts: ``id -> value`` for the closed-over constants.
+  """
+
+  def __init__(self):
+    self.invars: list[int] = []
+    self.outvars: list[Any] = []
+    self.eqns: list[Eqn] = []
+    self.avals: dict[int, Any] = {}
+    self.consts: dict[int, Any] = {}
+
+  def new(self, aval) -> int:
+    i = len(self.avals)
+    self.avals[i] = aval
+    return i
+
+
+def _call_body(eqn):
+  """``(jaxpr, consts)`` of a call-like equation (``jit``, ``custom_jvp_call``, ...) or None."""
+  if eqn.primitive.name in LOOPS:
+    return None
+  for value in eqn.params.values():
+    if _is_jaxpr(value):
+      j = _open(value)
+      if len(j.invars) == len(eqn.invars):
+        consts = value.consts if isinstance(value, jex_core.ClosedJaxpr) else []
+        return j, list(consts)
+  return None
+
+
+def inline(closed) -> Program:
+  """Flattens a (closed) jaxpr into a :class:`Program`, inlining every call.
+
+  Unlike :func:`walk`, each call of a shared sub-program gets its own
+  variables, so a function called twice (a jitted helper such as
+  ``jax.nn.softmax``) does not alias its two calls.
+  """
+  prog = Program()
+  jaxpr = _open(closed)
+  consts = closed.consts if isinstance(closed, jex_core.ClosedJaxpr) else []
+
+  def lookup(env, v):
+    if isinstance(v, jex_core.Literal):
+      return Const(v.val, v.aval)
+    return env[v]
+
+  def bind_consts(env, constvars, values):
+    for cv, val in zip(constvars, values):
+      i = prog.new(cv.aval)
+      prog.consts[i] = val
+      env[cv] = i
+
+  def run(j, env):
+    for eqn in j.eqns:
+      ins = [lookup(env, v) for v in eqn.invars]
+      body = _call_body(eqn)
+      if body is not None:
+        inner, inner_consts = body
+        inner_env: dict = {}
+        bind_consts(inner_env, inner.constvars, inner_consts)
+        for iv, x in zip(inner.invars, ins):
+          if isinstance(x, Const):
+            k = prog.new(x.aval)
+            prog.consts[k] = x.value
+            x = k
+          inner_env[iv] = x
+        run(inner, inner_env)
+        for ov, iv in zip(eqn.outvars, inner.outvars):
+          env[ov] = lookup(inner_env, iv)
+        continue
+      outs = [prog.new(v.aval) for v in eqn.outvars]
+      for v, i in zip(eqn.outvars, outs):
+        env[v] = i
+      prog.eqns.append(Eqn(eqn.primitive.name, dict(eqn.params), ins, outs, eqn))
+
+  env: dict = {}
+  bind_consts(env, jaxpr.constvars, consts)
+  for v in jaxpr.invars:
+    env[v] = prog.new(v.aval)
+    prog.invars.append(env[v])
+  run(jaxpr, env)
+  prog.outvars = [lookup(env, v) for v in jaxpr.outvars]
+  return prog

@@ -39,6 +39,9 @@ class TeleportState(NamedTuple):
     num_rejected: rejected teleports so far.
     max_rel_loss_drift: largest relative loss drift over the accepted teleports
       so far (the record of every teleport, not only the latest).
+    verified: whether a teleport has been accepted with the full checks (the
+      symmetry check and the incoming updates compared with the gradient); with
+      ``verify="first"`` later teleports skip them.
   """
 
   count: chex.Array
@@ -48,6 +51,7 @@ class TeleportState(NamedTuple):
   num_teleports: chex.Array
   num_rejected: chex.Array
   max_rel_loss_drift: chex.Array
+  verified: chex.Array
 
 
 def _accepted_kwargs(fn: Callable, kwargs: dict) -> dict:
@@ -132,6 +136,7 @@ def with_teleport(
   check: bool | None = None,
   state_policy: StatePolicy = "keep",
   grad_rtol: float = 1e-3,
+  verify: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it teleports on a schedule.
 
@@ -156,7 +161,7 @@ def with_teleport(
   teleport knows the optimizer's step size, schedule and preconditioner. A
   schedule that teleports more than once is stability-constrained
   (``stability="auto"``): no kept inner step may make the optimizer's step
-  sharpness exceed ``max(2, 1.05 x its value before)`` (:class:`~teleport_jax.Stability`);
+  sharpness exceed ``max(2, its value before)`` (:class:`~teleport_jax.Stability`);
   pass ``stability=False`` to opt out, or a :class:`~teleport_jax.Stability`.
 
   **Place it outermost.** Inside an :func:`optax.chain` with other links it
@@ -197,6 +202,16 @@ def with_teleport(
     state_policy: ``"keep"``, ``"reset"`` or ``"transport"``.
     grad_rtol: how far the incoming updates may be from the loss gradient at a
       teleport step.
+    verify: when to run the full checks (the symmetry check and the comparison of
+      the incoming updates with the loss gradient): ``"always"``, or ``"first"``:
+      until one teleport passed them; later teleports then trust the incoming
+      updates as the gradient and, for a data-free symmetry and a back-end that
+      moves along the group, transport it to the new point instead of
+      recomputing it (a teleport then costs its back-end plus one forward pass).
+      ``"auto"`` (default): ``"first"`` for data-free symmetries, ``"always"``
+      for data-dependent ones (whose exactness depends on the batch).
+      Passing ``value=`` (the loss at ``params``, optax's convention) to
+      ``update`` saves one more forward pass.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -254,8 +269,13 @@ def with_teleport(
       f"the {type(cfg.solver).__name__} back-end has none. Use 'keep' or 'reset'."
     )
   grad_rtol = obj_lib.check_positive(grad_rtol, "grad_rtol")
+  if verify not in ("auto", "always", "first"):
+    raise ValueError(f"verify must be 'auto', 'always' or 'first', got {verify!r}.")
+  if verify == "auto":
+    verify = "always" if symmetry is None or symmetry.needs_data else "first"
   optimizer = optax.with_extra_args_support(optimizer)
-  track = state_policy == "transport"
+  lean = verify == "first" and symmetry is not None and not symmetry.needs_data
+  track = state_policy == "transport" or (lean and cfg.solver.tracks_element)
 
   def init_fn(params):
     dtype = solver.params_dtype(params)
@@ -267,6 +287,7 @@ def with_teleport(
       num_teleports=jnp.zeros((), jnp.int32),
       num_rejected=jnp.zeros((), jnp.int32),
       max_rel_loss_drift=jnp.zeros((), solver.compute_dtype(dtype)),
+      verified=jnp.asarray(False),
     )
 
   def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
@@ -278,6 +299,8 @@ def with_teleport(
         "following optax's convention for transformations that need the loss."
       )
     _check_chain_position()
+    value = extra_args.pop("value", None)  # optax's convention: the loss at params
+    extra_args.pop("grad", None)
     data = _accepted_kwargs(value_fn, extra_args)
     loss_fn = _KeywordLoss(value_fn)
     if symmetry is not None and symmetry.needs_data and not data:
@@ -297,15 +320,39 @@ def with_teleport(
 
     context = obj_lib.ObjectiveContext(optimizer, state_at, dict(value_fn=value_fn, **extra_args))
 
-    def teleport_branch(_):
-      loss0, g0 = jax.value_and_grad(loss_fn)(solver._upcast(params), data)
-      new_params, info, grads, g = solver.run(
-        loss_fn, params, data, sym, cfg, context, track_element=track, value_and_grad0=(loss0, g0)
-      )
+    up = solver._upcast(params)
+    verified = state.verified if verify == "first" else False
+
+    def full(_):
+      loss0, g0 = jax.value_and_grad(loss_fn)(up, data)
       # the incoming updates must be the loss gradient at params (nothing transformed them)
       diff = optax.tree.norm(optax.tree.sub(updates, optax.tree.cast_like(g0, updates)))
-      ref = jnp.maximum(optax.tree.norm(g0), jnp.finfo(info.loss_before.dtype).tiny)
-      transformed = diff > grad_rtol * ref
+      ref = jnp.maximum(optax.tree.norm(g0), jnp.finfo(jnp.result_type(loss0)).tiny)
+      return loss0, g0, diff > grad_rtol * ref
+
+    def trusted(_):
+      loss_dtype = jax.eval_shape(loss_fn, up, data).dtype
+      loss0 = loss_fn(up, data) if value is None else jnp.asarray(value)
+      g0 = optax.tree.cast_like(updates, up)
+      return loss0.astype(loss_dtype), g0, jnp.asarray(False)
+
+    def teleport_branch(_):
+      if verify == "first":
+        loss0, g0, transformed = jax.lax.cond(verified, trusted, full, None)
+      else:
+        loss0, g0, transformed = full(None)
+      new_params, info, grads, g = solver.run(
+        loss_fn,
+        params,
+        data,
+        sym,
+        cfg,
+        context,
+        track_element=track,
+        value_and_grad0=(loss0, g0),
+        skip_check=verified,
+        transport_gradient=lean,
+      )
       ok = info.accepted & ~transformed
       info = info._replace(
         accepted=ok,
@@ -357,6 +404,7 @@ def with_teleport(
         jnp.maximum(state.max_rel_loss_drift, info.rel_loss_drift),
         state.max_rel_loss_drift,
       ).astype(state.max_rel_loss_drift.dtype),
+      verified=state.verified | accepted,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
