@@ -4,8 +4,8 @@ A :class:`Site` is a frozen, hashable record of *which leaves, which axis*:
 its writers produce a channel (a kernel's output axis, a bias, a norm gain)
 and its readers contract it (the next kernel's input axis). What lies between
 them is recorded in ``between`` (``"linear"``, ``"homogeneous"``, ``"rms_norm"``,
-``"scale_invariant"``, ``"bilinear"``, ``"other"``), which decides which groups
-are exact there. A :class:`SiteSymmetry` is a site with a
+``"scale_invariant"``, ``"bilinear"``, ``"rotary"``, ``"other"``), which decides
+which groups are exact there. A :class:`SiteSymmetry` is a site with a
 :class:`~teleport_jax.groups.Group`; a :class:`Product` of symmetries on
 disjoint sites is itself a symmetry (its elements are tuples over the parts).
 
@@ -38,8 +38,10 @@ from teleport_jax._src import groups as groups_lib
 from teleport_jax._src import paths as paths_lib
 from teleport_jax._src import symmetry as sym_lib
 
-Between = Literal["linear", "homogeneous", "rms_norm", "scale_invariant", "bilinear", "other"]
-BETWEEN = ("linear", "homogeneous", "rms_norm", "scale_invariant", "bilinear", "other")
+Between = Literal[
+  "linear", "homogeneous", "rms_norm", "scale_invariant", "bilinear", "rotary", "other"
+]
+BETWEEN = ("linear", "homogeneous", "rms_norm", "scale_invariant", "bilinear", "rotary", "other")
 
 # which groups are exact for what lies between writers and readers
 ALLOWED: dict[str, tuple[type, ...]] = {
@@ -48,6 +50,8 @@ ALLOWED: dict[str, tuple[type, ...]] = {
   "homogeneous": (groups_lib.Scaling,),
   "scale_invariant": (groups_lib.Scaling,),
   "rms_norm": (groups_lib.Orthogonal,),
+  # queries and keys rotated by rotary position embeddings before q k^T
+  "rotary": (groups_lib.RotaryGL,),
   "other": (),
 }
 
@@ -64,6 +68,11 @@ class Slot:
     head_axis: the leaf's head axis when the site has one element per head.
     head_group: consecutive heads of this leaf that share one element (for
       grouped-query attention: the query heads of one key/value group).
+    reshape: act on the leaf viewed with this shape (``axis`` and ``head_axis``
+      then index the view; one entry may be ``-1``), e.g. ``(H * W, C, out)``
+      for a dense kernel ``(H * W * C, out)`` that reads a flattened
+      ``(H, W, C)`` feature map, whose rows ``c, c + C, ...`` belong to channel
+      ``c``. ``None``: the leaf's own shape.
   """
 
   path: Any
@@ -71,6 +80,7 @@ class Slot:
   role: Literal["out", "in"] = "out"
   head_axis: int | None = None
   head_group: int = 1
+  reshape: tuple[int, ...] | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "path", paths_lib.as_path(self.path))
@@ -78,6 +88,37 @@ class Slot:
       raise ValueError(f"Slot role must be 'out' or 'in', got {self.role!r}.")
     if not isinstance(self.head_group, int) or self.head_group < 1:
       raise ValueError(f"head_group must be a positive int, got {self.head_group!r}.")
+    if self.reshape is not None:
+      view = tuple(int(n) for n in self.reshape)
+      if sum(n == -1 for n in view) > 1 or any(n < -1 or n == 0 for n in view):
+        raise ValueError(
+          f"reshape must hold positive ints and at most one -1, got {self.reshape!r}."
+        )
+      object.__setattr__(self, "reshape", view)
+
+  def view_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape the slot acts on for a leaf of ``shape`` (``shape`` without ``reshape``)."""
+    shape = tuple(shape)
+    if self.reshape is None:
+      return shape
+    size = 1
+    for n in shape:
+      size *= n
+    known = 1
+    for n in self.reshape:
+      known *= n if n != -1 else 1
+    view = self.reshape
+    if -1 in view:
+      if size % known:
+        raise ValueError(
+          f"slot {paths_lib.path_str(self.path)}: a leaf of shape {shape} has no view {view}."
+        )
+      view = tuple(size // known if n == -1 else n for n in view)
+    elif known != size:
+      raise ValueError(
+        f"slot {paths_lib.path_str(self.path)}: a leaf of shape {shape} has no view {view}."
+      )
+    return view
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +174,7 @@ class Site:
     """Checks that every slot exists and has ``dim`` channels (and the heads)."""
     for s in self.slots:
       leaf = index.get(s.path, what=f"slot of site {self.name!r}")
-      shape = tuple(jnp.shape(leaf))
+      shape = s.view_shape(tuple(jnp.shape(leaf)))
       if not -len(shape) <= s.axis < len(shape) or shape[s.axis] != self.dim:
         raise ValueError(
           f"site {self.name!r}: leaf {paths_lib.path_str(s.path)} of shape {shape} has no "
@@ -258,7 +299,8 @@ class SiteSymmetry(sym_lib.Symmetry):
     if not linearized and any(s.role == "in" for s in site.slots):
       inv = group.inverse(g)
     for slot in site.slots:
-      x = jnp.asarray(index.get(slot.path))
+      leaf = jnp.asarray(index.get(slot.path))
+      x = leaf if slot.reshape is None else leaf.reshape(slot.view_shape(leaf.shape))
       y = _to_channels_last(x, slot)
       if linearized:
         y = group.apply_linearized(y, _per_head(g, site, slot, y.ndim), slot.role)
@@ -266,7 +308,8 @@ class SiteSymmetry(sym_lib.Symmetry):
         gi = _per_head(g, site, slot, y.ndim)
         ii = None if inv is None else _per_head(inv, site, slot, y.ndim)
         y = group.apply(y, gi, slot.role, ii)
-      index.set(slot.path, _from_channels_last(y, slot, x.ndim).astype(x.dtype))
+      y = _from_channels_last(y, slot, x.ndim).reshape(leaf.shape)
+      index.set(slot.path, y.astype(leaf.dtype))
 
   def act(self, params, g, data=None):
     del data
@@ -333,7 +376,7 @@ class Product(sym_lib.Symmetry):
     for p in parts:
       if isinstance(p, SiteSymmetry):
         for s in p.site.slots:
-          key = (s.path, s.axis)
+          key = (s.path, s.axis, s.reshape)
           if key in seen:
             raise ValueError(
               f"Product: sites {seen[key]!r} and {p.site.name!r} both act on axis {s.axis} of "
@@ -454,3 +497,16 @@ def leaf_dtype(params: chex.ArrayTree):
     if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
   ]
   return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+# Symmetries pass through ``jax.jit`` as arguments: a site symmetry holds no
+# arrays (a static node); a product's parts are its children, so that parts
+# holding arrays stay traced.
+def _unflatten_product(_, parts) -> Product:
+  out = object.__new__(Product)
+  object.__setattr__(out, "parts", tuple(parts))
+  return out
+
+
+jax.tree_util.register_static(SiteSymmetry)
+jax.tree_util.register_pytree_node(Product, lambda p: (p.parts, None), _unflatten_product)
