@@ -672,12 +672,11 @@ f2d = functions2d.run(config)
 for p in (functions2d.BOOTH, functions2d.ROSENBROCK):
     print(f"{p.name}: GD step size {p.lr:g}, tolerance {p.tol:g}, at most {p.max_steps} steps, "
           f"starts {f2d['protocol']['functions'][p.name]['starts']}")
-for method in f2d["protocol"]["functions"]["rosenbrock"]["methods"]:
-    if method["objective"] is None:
-        print(f"  {method['name']:30s} no teleport")
+for name, method in f2d["protocol"]["functions"]["rosenbrock"]["methods"].items():
+    if method.get("teleport") == "none":
+        print(f"  {name:30s} no teleport")
         continue
-    when = f"every {method['every']} steps" if method["every"] else "once, at step 0"
-    print(f"  {method['name']:30s} teleports {when}, objective {method['objective']}, "
+    print(f"  {name:30s} teleports {method['schedule']}, objective {method['objective']}, "
           f"{method['num_steps']} inner steps")
 """),
   md("""

@@ -4,6 +4,7 @@ Exact symmetry actions on parameter pytrees, a jit-compiled teleport solver
 and an optax transformation that teleports on a schedule.
 """
 
+from teleport_jax._src import finders
 from teleport_jax._src import groups
 from teleport_jax._src.activations import Activation
 from teleport_jax._src.activations import as_activation
@@ -14,9 +15,14 @@ from teleport_jax._src.activations import relu
 from teleport_jax._src.activations import tanh
 from teleport_jax._src.backends import Lie
 from teleport_jax._src.backends import Solver
+from teleport_jax._src.balancing import Balance
+from teleport_jax._src.balancing import LineSearch
 from teleport_jax._src.data_gl import DataDependentGL
 from teleport_jax._src.data_gl import PublishedDataDependentGL
 from teleport_jax._src.data_gl import default_get_inputs
+from teleport_jax._src.discovery import Discovered
+from teleport_jax._src.discovery import find_symmetries
+from teleport_jax._src.discovery import verify
 from teleport_jax._src.functions import RosenbrockRotation
 from teleport_jax._src.functions import booth
 from teleport_jax._src.functions import booth_symmetry
@@ -26,7 +32,11 @@ from teleport_jax._src.geometry import orbit_curvature
 from teleport_jax._src.geometry import sharpness
 from teleport_jax._src.layouts import MLPLayout
 from teleport_jax._src.layouts import infer_layout
+from teleport_jax._src.levelset import LevelSet
 from teleport_jax._src.linear_gl import LinearGL
+from teleport_jax._src.nullspace import NullSpace
+from teleport_jax._src.nullspace import held_out_drift
+from teleport_jax._src.nullspace import nullspace_report
 from teleport_jax._src.objectives import Objective
 from teleport_jax._src.objectives import ObjectiveContext
 from teleport_jax._src.objectives import as_objective
@@ -68,7 +78,12 @@ __version__ = "0.1.0"
 
 __all__ = (
   "Activation",
+  "Balance",
+  "Discovered",
+  "LevelSet",
+  "NullSpace",
   "Lie",
+  "LineSearch",
   "ObjectiveContext",
   "Product",
   "PublishedDataDependentGL",
@@ -79,7 +94,12 @@ __all__ = (
   "Stability",
   "TeleportConfig",
   "TeleportError",
+  "finders",
+  "find_symmetries",
   "groups",
+  "held_out_drift",
+  "nullspace_report",
+  "verify",
   "optimizer_lookahead",
   "product",
   "AtSteps",

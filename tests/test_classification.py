@@ -28,6 +28,7 @@ def digits_summary(tmp_path_factory):
   config = common.RunConfig(quick=True, out_dir=out)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(classification, "LOOKAHEAD_STEPS", 1)  # compiles faster than 5
+    mp.setattr(classification, "COMPILER_OPTIONS", {"xla_backend_optimization_level": 0})
     return classification.run(config, settings=TINY), out
 
 
@@ -55,7 +56,7 @@ def test_summary_has_the_contract(digits_summary):
   for row in rows.values():
     for key in ("train_loss", "val_loss", "best_val_loss", "best_val_epoch", "val_acc", "wall_s"):
       assert key in row
-  assert (out / "classification_loss.png").is_file()
+  assert (out / "classification_loss.png").stat().st_size > 1000
   json.dumps(summary)  # serialisable as it is
 
 
@@ -70,14 +71,26 @@ def test_losses_finite_and_teleports_exact(digits_summary):
       assert "max_rel_loss_drift" not in r
       continue
     assert r["max_rel_loss_drift"] is not None
-    assert 0.0 <= r["max_rel_loss_drift"] <= 1e-4, m
-    assert r["num_teleports"] == [TINY.teleport_epochs], m
-    assert r["num_rejected"] == [0]
-    assert all(st == "SUCCESSFUL" for st in r["teleport_status"][0])
-    # the paper's objective increases the gradient norm at every teleport
+    assert 0.0 <= r["max_rel_loss_drift"] <= common.RTOL_FLOAT32, m
+    assert r["num_teleports"][0] + r["num_rejected"][0] == TINY.teleport_epochs, m
+    statuses = r["teleport_status"][0]
+    assert statuses[0] == "SUCCESSFUL", (m, statuses)
+    assert r["num_teleports"] == [statuses.count("SUCCESSFUL")]
+    # the paper's objective increases the gradient norm at every teleport that moved
     if m == "sgd_teleport":
-      assert all(g > 1.0 for g in r["grad_norm_sq_ratio_per_teleport"][0])
-  assert summary["targets"] == {"every_teleport_drift_le_1e_4": True, "no_nonfinite_run": True}
+      moved = [
+        g for g, st in zip(r["grad_norm_sq_ratio_per_teleport"][0], statuses) if st == "SUCCESSFUL"
+      ]
+      assert all(g > 1.0 for g in moved)
+  assert summary["targets"] == {"every_teleport_within_rtol": True, "no_nonfinite_run": True}
+  # the protocol names every setting of each method
+  methods = summary["protocol"]["methods"]
+  assert methods["sgd_teleport"]["stability"] == "off"
+  assert methods["sgd_teleport_lookahead"]["stability"].startswith("on")
+  assert methods["sgd_teleport_lookahead"]["objective"] == "optimizer_lookahead(steps=1)"
+  assert methods["sgd_teleport"]["rtol"] == common.RTOL_FLOAT32
+  per_seed = summary["runs"]["sgd"]["per_seed"]
+  assert len(per_seed["best_val_epoch"]) == 1 and 0 <= per_seed["best_val_epoch"][0] <= TINY.epochs
 
 
 def test_mnist_directory_selects_mnist_sizes(tmp_path):

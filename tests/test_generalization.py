@@ -65,6 +65,8 @@ def test_summary_has_the_contract_and_finite_values(summary):
   assert (out / "generalization_teleport.png").stat().st_size > 1000
   assert (out / "generalization_correlation.png").stat().st_size > 1000
   assert len(s["notes"]) >= 3
+  teleport = s["protocol"]["teleport"]
+  assert teleport["rtol"] == common.RTOL_FLOAT32 and teleport["stability"] == "off"
 
 
 def test_teleports_move_their_objective_and_keep_the_function(summary):
@@ -76,7 +78,7 @@ def test_teleports_move_their_objective_and_keep_the_function(summary):
     assert r["objective"] == kind and r["maximize"] == maximize
     for before, after in zip(r["objective_before"], r["objective_after"]):
       assert after > before if maximize else after < before
-    assert r["max_rel_loss_drift"] <= 1e-4
+    assert r["max_rel_loss_drift"] <= common.RTOL_FLOAT32
     # rescaling keeps the network function: validation loss unchanged at the teleport
     assert (
       r["val_loss_change_at_teleport"] <= 1e-4 * s["runs"]["sgd"]["val_loss"][TINY.teleport_epoch]

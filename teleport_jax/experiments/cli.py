@@ -4,7 +4,9 @@ Usage::
 
   reproduce [--quick] [--out runs/] [--data-dir DIR] [--only NAME ...]
 
-Writes PNG plots and ``summary.json`` into ``--out`` (default ``runs/``).
+Prints each experiment's protocol, results table(s), notes and targets as soon as
+the experiment finishes, and writes PNG plots and ``summary.json`` into ``--out``
+(default ``runs/``; ``summary.json`` is rewritten after every experiment).
 """
 
 from __future__ import annotations
@@ -59,6 +61,60 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join([line, sep, *body])
 
 
+def format_protocol(protocol: dict, indent: str = "  ") -> str:
+  """The protocol as indented ``key: value`` lines.
+
+  A nested dict of plain values (one method's settings) is one line
+  ``key: k1=v1; k2=v2``; deeper dicts nest by indentation.
+  """
+  lines: list[str] = []
+
+  def walk(d: dict, pad: str) -> None:
+    for k, v in d.items():
+      if isinstance(v, dict) and v and any(isinstance(x, dict) for x in v.values()):
+        lines.append(f"{pad}{k}:")
+        walk(v, pad + indent)
+      elif isinstance(v, dict) and v:
+        lines.append(f"{pad}{k}: " + "; ".join(f"{a}={_format_value(b)}" for a, b in v.items()))
+      else:
+        lines.append(f"{pad}{k}: {_format_value(v)}")
+
+  walk(protocol, indent)
+  return "\n".join(lines)
+
+
+def _format_value(v) -> str:
+  if isinstance(v, (list, tuple)):
+    return "[" + ", ".join(_format_value(x) for x in v) + "]"
+  if isinstance(v, float):
+    return f"{v:g}"
+  return str(v)
+
+
+def format_section(name: str, section: dict) -> str:
+  """What ``reproduce`` prints for one experiment: protocol, table, notes, targets."""
+  out = [f"== {name} ({section.get('elapsed_s', 0.0):.0f} s) =="]
+  if section.get("protocol"):
+    out += ["protocol:", format_protocol(section["protocol"])]
+  tables = {"": section.get("table")}
+  tables.update({k: v for k, v in section.items() if k.endswith("_table") and k != "table"})
+  for key, rows in tables.items():
+    if rows and isinstance(rows, list):
+      if key:
+        out.append(f"{key.removesuffix('_table').replace('_', ' ')}:")
+      out.append(format_table(rows))
+  out += [f"note: {note}" for note in section.get("notes", [])]
+  if "targets" in section:
+    out.append("targets: " + ", ".join(f"{k}={_format(v)}" for k, v in section["targets"].items()))
+  return "\n".join(out)
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(summary, indent=2, default=_json_default))
+  tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="reproduce", description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -104,9 +160,14 @@ def main(argv: list[str] | None = None) -> int:
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "devices": [str(d) for d in jax.devices()],
+      "cpu_count": os.cpu_count(),
+      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
     },
+    "library": _library_fingerprint(),
     "experiments": {},
   }
+  path = args.out / "summary.json"
   t0 = time.perf_counter()
   with tqdm(total=total, desc="reproduce", disable=args.no_progress, file=sys.stderr) as bar:
     for name, module in modules.items():
@@ -115,20 +176,55 @@ def main(argv: list[str] | None = None) -> int:
       section = module.run(config, bar)
       section["elapsed_s"] = time.perf_counter() - start
       summary["experiments"][name] = section
+      summary["elapsed_s"] = time.perf_counter() - t0
+      # the results of finished experiments survive an interrupted run
+      _write_summary(path, summary)
+      tqdm.write("\n" + format_section(name, section), file=sys.stdout)
+      sys.stdout.flush()
   summary["elapsed_s"] = time.perf_counter() - t0
-
-  for name, section in summary["experiments"].items():
-    print(f"\n== {name} ==")
-    for note in section.get("notes", []):
-      print(f"note: {note}")
-    print(format_table(section.get("table", [])))
-    if "targets" in section:
-      print("targets: " + ", ".join(f"{k}={_format(v)}" for k, v in section["targets"].items()))
-  (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-  print(
-    f"\nwrote {args.out / 'summary.json'} and plots in {args.out}/ ({summary['elapsed_s']:.0f} s)"
-  )
+  _write_summary(path, summary)
+  print(f"\nwrote {path} and plots in {args.out}/ ({summary['elapsed_s']:.0f} s)")
   return 0
+
+
+def _library_fingerprint() -> dict:
+  """Which library code produced the figures: a hash of its sources (and git, if any)."""
+  import hashlib
+  import subprocess
+
+  import teleport_jax
+
+  root = Path(teleport_jax.__file__).parent
+
+  def digest(paths) -> str:
+    h = hashlib.sha256()
+    for path in sorted(paths):
+      h.update(str(path.relative_to(root)).encode())
+      h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+  experiments = root / "experiments"
+  out = {
+    "version": teleport_jax.__version__,
+    # the library (what the figures measure) and the experiments (how they are run)
+    "library_sha256": digest(p for p in root.rglob("*.py") if experiments not in p.parents),
+    "experiments_sha256": digest(experiments.glob("*.py")),
+  }
+  try:
+    git = ["git", "-C", str(root.parent)]
+    out["git_commit"] = subprocess.run(
+      [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+      [*git, "status", "--porcelain", "--", "teleport_jax"],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout
+    out["git_uncommitted_changes"] = bool(dirty.strip())
+  except (OSError, subprocess.CalledProcessError):
+    pass
+  return out
 
 
 def _json_default(o):

@@ -9,8 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+
+import teleport_jax as tj
+
+# The loss check of every float32 teleport in the experiments: the library's default,
+# passed explicitly so that it is recorded in each protocol.
+RTOL_FLOAT32 = tj.default_rtol(jnp.float32)
+# The relative improvement of the objective an inner step must bring to be kept, in
+# float32: far above the objective's rounding level (about 1e-7), so that two machines
+# (or two thread counts) take the same accept/reject decisions. Passed explicitly so
+# that the figures do not change with the library's default.
+IMPROVE_RTOL_FLOAT32 = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +50,14 @@ class NullProgress:
     del s
 
 
-def make_train_step(opt: optax.GradientTransformation, value_fn: Callable) -> Callable:
+def make_train_step(
+  opt: optax.GradientTransformation, value_fn: Callable, compiler_options: dict | None = None
+) -> Callable:
   """A jitted ``step(params, state, *batch) -> (params, state, loss, grad_norm_sq)``.
 
   ``value_fn(params, *batch)`` is the loss; the batch is handed to ``opt.update``
   as ``value_fn``'s keyword arguments so teleporting optimizers can use it.
+  ``compiler_options`` go to XLA (``None``: its defaults).
   """
   import inspect
 
@@ -52,7 +67,6 @@ def make_train_step(opt: optax.GradientTransformation, value_fn: Callable) -> Ca
     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
   ][1:]
 
-  @jax.jit
   def step(params, state, *batch):
     loss, grads = jax.value_and_grad(value_fn)(params, *batch)
     kwargs = dict(zip(names, batch))
@@ -60,7 +74,7 @@ def make_train_step(opt: optax.GradientTransformation, value_fn: Callable) -> Ca
     gn = optax.tree.vdot(grads, grads)
     return optax.apply_updates(params, updates), state, loss, gn
 
-  return step
+  return jax.jit(step, compiler_options=compiler_options)
 
 
 def timed_training(
@@ -100,11 +114,127 @@ def timed_training(
   return params, state, np.asarray(losses), np.asarray(gns), np.asarray(times), compile_s
 
 
+def teleport_config(
+  objective,
+  num_steps: int,
+  *,
+  step_size: float = 0.1,
+  max_step_size: float = 1.0,
+  normalize: bool = True,
+  grow: float = 1.5,
+  shrink: float = 0.5,
+  rtol: float | None = RTOL_FLOAT32,
+  improve_rtol: float | None = IMPROVE_RTOL_FLOAT32,
+  safeguard: bool = True,
+  check: bool = True,
+) -> tj.TeleportConfig:
+  """A :class:`teleport_jax.TeleportConfig` with every setting spelled out.
+
+  The experiments build their teleports from this record and store
+  :func:`describe_teleport` of it in their protocol, so what ran and what is
+  reported cannot differ.
+  """
+  return tj.TeleportConfig(
+    objective=objective,
+    solver=tj.Lie(
+      step_size=step_size,
+      normalize=normalize,
+      max_step_size=max_step_size,
+      grow=grow,
+      shrink=shrink,
+    ),
+    num_steps=num_steps,
+    rtol=rtol,
+    improve_rtol=improve_rtol,
+    safeguard=safeguard,
+    check=check,
+  )
+
+
+def describe_stability(stability) -> str:
+  """A one-line description of a ``with_teleport(stability=...)`` argument."""
+  s = tj.Stability() if stability is True else stability
+  if s is None or s is False:
+    return "off"
+  if not isinstance(s, tj.Stability):
+    return str(s)
+  bound = [] if s.threshold is None else [f"{s.threshold:g}"]
+  if s.relative:
+    bound.append(f"{1 + s.margin:g} x before")
+  return f"on: step sharpness of the wrapped optimizer <= max({', '.join(bound)})"
+
+
+def describe_teleport(
+  config: tj.TeleportConfig, *, schedule: str, stability=None, state_policy: str | None = None
+) -> dict:
+  """The settings of one teleporting method, for the protocol (JSON-safe)."""
+  lie = config.solver
+  out = dict(
+    schedule=schedule,
+    objective=config.objective.name,
+    num_steps=config.num_steps,
+    solver=(
+      f"lie(step_size={lie.step_size:g}, normalize={lie.normalize}, "
+      f"max_step_size={lie.max_step_size:g}, grow={lie.grow:g}, shrink={lie.shrink:g})"
+      if isinstance(lie, tj.Lie)
+      else type(lie).__name__
+    ),
+    rtol=(
+      "none (no loss check)"
+      if config.rtol == float("inf")
+      else "library default for the dtype"
+      if config.rtol is None
+      else config.rtol
+    ),
+    improve_rtol=(
+      "library default for the dtype" if config.improve_rtol is None else config.improve_rtol
+    ),
+    safeguard=config.safeguard,
+    symmetry_check=config.check,
+    stability=describe_stability(stability),
+  )
+  if state_policy is not None:
+    out["state_policy"] = state_policy
+  return out
+
+
 def mean_std(rows) -> tuple[np.ndarray, np.ndarray]:
   """Mean and standard deviation over seeds (axis 0); non-finite runs give NaN."""
   a = np.asarray(rows, dtype=np.float64)
   with np.errstate(invalid="ignore", over="ignore"):
     return a.mean(axis=0), a.std(axis=0)
+
+
+def log_band(rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Geometric mean and band ``exp(mean(log x) -+ std(log x))`` over seeds (axis 0).
+
+  The band of a positive quantity on a log axis: it never reaches zero, unlike
+  ``mean -+ std``. Where any seed is non-finite or not positive all three are NaN
+  (a curve then stops where its first seed diverged).
+
+  Args:
+    rows: ``(seeds, points)`` values.
+
+  Returns:
+    ``(center, lower, upper)``, each of shape ``(points,)``.
+  """
+  a = np.asarray(rows, dtype=np.float64)
+  ok = np.all(np.isfinite(a) & (a > 0), axis=0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    logs = np.log(np.where(ok, a, 1.0))
+  mu, sd = logs.mean(axis=0), logs.std(axis=0)
+  nan = np.full_like(mu, np.nan)
+  return (
+    np.where(ok, np.exp(mu), nan),
+    np.where(ok, np.exp(mu - sd), nan),
+    np.where(ok, np.exp(mu + sd), nan),
+  )
+
+
+def first_nonfinite(rows) -> int | None:
+  """The first index (axis 1) at which any seed is non-finite, or ``None``."""
+  bad = np.any(~np.isfinite(np.asarray(rows, np.float64)), axis=0)
+  return int(np.argmax(bad)) if np.any(bad) else None
 
 
 def finite_list(a) -> list:

@@ -186,11 +186,23 @@ class _Switch:
     return sign * jax.lax.switch(index, branches, params), loss_fn(params, data)
 
 
+def teleport_config(s: Settings, objective) -> tj.TeleportConfig:
+  """The settings of every teleport of study 1 (one objective per kind and direction)."""
+  return common.teleport_config(
+    objective, s.num_steps, step_size=0.1, max_step_size=s.max_step_size
+  )
+
+
+def switch_objective(s: Settings) -> tj.Objective:
+  """One objective for every (kind, direction) of :data:`TELEPORTS` (see :class:`_Switch`)."""
+  objectives = teleport_objectives(s)
+  return tj.Objective(_Switch(tuple(objectives.values())), True, "switch")
+
+
 def make_teleport(s: Settings):
   """``teleport(params, x, y, kind, maximize) -> (new_params, info)``."""
-  objectives = teleport_objectives(s)
-  kinds = tuple(objectives)
-  objective = tj.Objective(_Switch(tuple(objectives.values())), True, "switch")
+  kinds = tuple(teleport_objectives(s))
+  config = teleport_config(s, switch_objective(s))
 
   def run(params, x, y, kind, maximize):
     return tj.teleport(
@@ -198,10 +210,7 @@ def make_teleport(s: Settings):
       params,
       (x, y, jnp.asarray(kinds.index(kind), jnp.int32), jnp.asarray(1.0 if maximize else -1.0)),
       symmetry=SYMMETRY,
-      objective=objective,
-      num_steps=s.num_steps,
-      step_size=0.1,
-      max_step_size=s.max_step_size,
+      config=config,
     )
 
   return run
@@ -541,6 +550,16 @@ def run(config: common.RunConfig, progress=None, settings: Settings | None = Non
         k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s).items()
       },
       teleports={m: dict(objective=k, maximize=mx) for m, k, mx in TELEPORTS},
+      teleport=common.describe_teleport(
+        teleport_config(s, switch_objective(s)),
+        schedule=f"once, after epoch {s.teleport_epoch}, on the first {s.measure_size} "
+        "training examples",
+        stability=None,
+      )
+      | dict(
+        objective=f"sharpness (radius {s.radius:g}, {s.num_samples} samples) or orbit "
+        f"curvature ({s.num_directions} directions), raised or lowered"
+      ),
     ),
     runs=runs,
     table=table,
@@ -553,8 +572,8 @@ def run(config: common.RunConfig, progress=None, settings: Settings | None = Non
         runs[m]["moved_in_requested_direction"] for m, _, _ in TELEPORTS
       ),
       every_teleport_accepted=all(all(runs[m]["accepted"]) for m, _, _ in TELEPORTS),
-      every_teleport_drift_le_1e_4=all(
-        runs[m]["max_rel_loss_drift"] <= 1e-4 for m, _, _ in TELEPORTS
+      every_teleport_within_rtol=all(
+        runs[m]["max_rel_loss_drift"] <= common.RTOL_FLOAT32 for m, _, _ in TELEPORTS
       ),
     ),
   )
@@ -666,7 +685,8 @@ def _plot(rec, minima, s: Settings, config) -> None:
     vl = r["val_loss"][:, first:]
     mean, std = common.mean_std(vl[ok])
     ax.plot(epochs, mean, color=f"C{i}", lw=1.5, label=m)
-    ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.1)
+    if m == "sgd":  # one band: the others' spread is the right panel's
+      ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
     d_mean, d_std = common.mean_std((vl - base)[ok])  # paired: same seed, same minibatches
     ax_diff.plot(epochs, d_mean, color=f"C{i}", lw=1.5, label=m)
     if m != "sgd":
@@ -678,7 +698,8 @@ def _plot(rec, minima, s: Settings, config) -> None:
   ax.set_ylabel("validation loss")
   ax_diff.set_ylabel("validation loss minus sgd's (same seed)")
   ax.set_title(
-    f"teleport at epoch {s.teleport_epoch} (grey), mean ± std over {len(s.seeds)} seeds",
+    f"teleport after epoch {s.teleport_epoch} (grey); mean over {len(s.seeds)} seeds,\n"
+    "band: sgd's mean ± std",
     fontsize=10,
   )
   ax_diff.set_title("paired difference to sgd, mean ± std over seeds", fontsize=10)
@@ -686,23 +707,49 @@ def _plot(rec, minima, s: Settings, config) -> None:
   fig.savefig(config.out_dir / "generalization_teleport.png", dpi=120)
   plt.close(fig)
 
-  fig, axes = plt.subplots(1, len(MEASURES), figsize=(4 * len(MEASURES), 3.6))
+  from matplotlib import colors as mcolors
+  from matplotlib.lines import Line2D
+
+  fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 4.0))
+  log_lrs = [np.log10(m["learning_rate"]) for m in minima]
+  norm = mcolors.Normalize(vmin=min(log_lrs) - 0.1, vmax=max(log_lrs) + 0.1)
+  batch_sizes = sorted({m["batch_size"] for m in minima})
+  markers = dict(zip(batch_sizes, "os^Dv<>"))
+  scatter = None
   for ax, measure in zip(axes, MEASURES):
     for m in minima:
       xs = [m[measure], *m["orbit"][measure]]
       ax.plot([min(xs), max(xs)], [m["val_loss"]] * 2, color="0.75", lw=1, zorder=0)
-      marker = "o" if m["batch_size"] <= 32 else "s"
-      color = [np.log10(m["learning_rate"])]
-      ax.scatter(
-        [m[measure]], [m["val_loss"]], s=14, c=color, cmap="viridis", vmin=-2, vmax=0, marker=marker
+      scatter = ax.scatter(
+        [m[measure]],
+        [m["val_loss"]],
+        s=22,
+        c=[np.log10(m["learning_rate"])],
+        cmap="viridis",
+        norm=norm,
+        marker=markers[m["batch_size"]],
+        edgecolors="k",
+        linewidths=0.3,
       )
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
-    ax.set_xlabel(measure)
+    values = [v for m in minima for v in (m[measure], *m["orbit"][measure]) if v > 0]
+    if values and max(values) > 10 * min(values):  # a log axis needs a decade to show ticks
+      ax.set_xscale("log")
+      ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
+    ax.set_xlabel(measure.replace("_", " "))
     ax.set_ylabel("validation loss")
-  axes[0].set_title(
-    "minima (colour: log10 lr, marker: batch size);\ngrey: range on the orbit", fontsize=9
+  handles = [
+    Line2D([], [], ls="", marker=markers[b], color="0.4", label=f"batch {b}") for b in batch_sizes
+  ]
+  handles.append(Line2D([], [], color="0.75", lw=1, label="range along the orbit"))
+  fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
+  fig.suptitle(
+    f"{len(minima)} minima of SGD: measure vs validation loss; grey: the measure's range on "
+    f"{s.orbit_points} random points of each minimum's rescaling orbit (same validation loss)",
+    fontsize=10,
   )
-  fig.tight_layout()
+  fig.subplots_adjust(left=0.05, right=0.9, bottom=0.2, top=0.88, wspace=0.28)
+  if scatter is not None:
+    bar = fig.colorbar(scatter, cax=fig.add_axes((0.92, 0.2, 0.012, 0.68)))
+    bar.set_label("log10 learning rate")
   fig.savefig(config.out_dir / "generalization_correlation.png", dpi=120)
   plt.close(fig)

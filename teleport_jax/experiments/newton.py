@@ -31,6 +31,7 @@ import numpy as np
 
 import teleport_jax as tj
 from teleport_jax.experiments import common
+from teleport_jax.experiments import functions2d
 
 KAPPA = 100.0
 MIN_GAP_EXPONENT = 0.1  # lambda_max / lambda_2 >= KAPPA ** MIN_GAP_EXPONENT
@@ -77,6 +78,17 @@ def loss_fn(w, data):
   return 0.5 * d @ (h @ d)
 
 
+def teleport_config(num_steps: int = NUM_STEPS) -> tj.TeleportConfig:
+  """The teleport's settings: max |grad|^2, float64 ``rtol``, and an ``improve_rtol``
+  small enough that the ascent converges to the maximum (the claim is about it)."""
+  return common.teleport_config(
+    tj.grad_norm_sq(),
+    num_steps,
+    rtol=functions2d.RTOL_FLOAT64,
+    improve_rtol=functions2d.IMPROVE_RTOL_FLOAT64,
+  )
+
+
 def teleport_max_grad_norm(h, c, w, num_steps: int = NUM_STEPS):
   """Teleports ``w`` to the maximum-gradient-norm point of its level set.
 
@@ -86,9 +98,7 @@ def teleport_max_grad_norm(h, c, w, num_steps: int = NUM_STEPS):
   with jax.enable_x64(True):
     h, c, w = (jnp.asarray(a, jnp.float64) for a in (h, c, w))
     sym = tj.QuadraticRotation(hessian=h, center=c)
-    new, info = tj.teleport(
-      loss_fn, w, (h, c), symmetry=sym, objective="max_grad_norm", num_steps=num_steps
-    )
+    new, info = tj.teleport(loss_fn, w, (h, c), symmetry=sym, config=teleport_config(num_steps))
     return np.asarray(new, np.float64), jax.tree_util.tree_map(np.asarray, info)
 
 
@@ -175,7 +185,9 @@ def run(config: common.RunConfig, progress=None) -> dict:
       min_gap=KAPPA**MIN_GAP_EXPONENT,
       dims=list(dims),
       seeds=list(seeds),
-      teleport=dict(objective="max_grad_norm", num_steps=NUM_STEPS, step_size=0.1),
+      teleport=common.describe_teleport(
+        teleport_config(), schedule="once, from the start point", stability=None
+      ),
     ),
     per_problem=rows,
     targets={
