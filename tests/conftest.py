@@ -1,11 +1,19 @@
 """Shared fixtures: x64 on (float32 tests create float32 arrays explicitly)."""
 
 import math
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# The suite is compile-bound (hundreds of small jitted programs, each run a few
+# times): compile without XLA's expensive backend optimisations. This changes
+# no semantics; notebook kernels and subprocesses inherit it.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

@@ -21,6 +21,7 @@ EXPECTED = {
   "03_classification.ipynb",
   "04_test_functions_newton.ipynb",
   "05_beyond_the_seed.ipynb",
+  "06_any_model.ipynb",
 }
 TIMEOUT_S = 600
 

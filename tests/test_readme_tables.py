@@ -169,6 +169,53 @@ def _generalization() -> dict:
   )
 
 
+def _backends() -> dict:
+  rec = dict(
+    status="SUCCESSFUL",
+    rel_loss_drift=2e-7,
+    held_out_drift=0.1,
+    objective_before=3.0,
+    objective_after=1.5,
+    cost_grad_evals=120.0,
+  )
+  reg = lambda tele: dict(  # noqa: E731
+    loss_per_seed_at={"50": [1.0, 1.2], "100": [0.9, 1.1], "299": [0.8, 1.0]},
+    teleports=[rec, rec] if tele else [],
+    nonfinite_runs=0,
+    n_seeds=2,
+  )
+  cls = lambda tele: dict(  # noqa: E731
+    final_train_loss_per_seed=[0.1, 0.12],
+    final_val_loss_per_seed=[0.2, 0.22],
+    teleports=[rec] if tele else [],
+    nonfinite_runs=0,
+    n_seeds=2,
+  )
+  return dict(
+    protocol=dict(
+      regression=dict(
+        optimizer="GD lr 0.0001",
+        teleport_epoch=5,
+        inner_steps=30,
+        seeds=[0, 1],
+        held_out="fresh samples",
+      ),
+      classification=dict(
+        dataset="digits", inner_steps=10, epochs=30, seeds=[0, 1], held_out="validation set"
+      ),
+    ),
+    runs={
+      "regression/gd": reg(False),
+      "regression/levelset": reg(True),
+      "classification/sgd": cls(False),
+      "classification/levelset": cls(True),
+    },
+    repeated_levelset=dict(
+      cumulative_rel_drift=[0.0, 1e-7], statuses=["SUCCESSFUL"] * 2, rtol=1e-5
+    ),
+  )
+
+
 def synthetic_summary() -> dict:
   return dict(
     mode="full",
@@ -181,6 +228,7 @@ def synthetic_summary() -> dict:
       newton=_newton(),
       optimizers=_optimizers(),
       generalization=_generalization(),
+      backends=_backends(),
     ),
   )
 

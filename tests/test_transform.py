@@ -228,3 +228,15 @@ def test_flax_linen_and_nnx_models_train_with_teleport():
   params = optax.apply_updates(params, u)
   assert int(state.num_teleports) == 1
   assert float(vf2(params, x, y)) < float(loss0)
+
+
+def test_adam_lookahead_teleports_when_some_coordinates_have_zero_gradient():
+  # A feature that is zero on every sample gives its first-layer weights an exactly
+  # zero gradient, so Adam's second moment stays 0 there; differentiating the
+  # simulated Adam steps must not turn sqrt'(0) into a NaN for the whole teleport.
+  params, (x, y) = published_problem(0)
+  x = x.at[0].set(0.0)
+  opt = tj.with_teleport(optax.adam(1e-3), tj.PositiveRescaling(), schedule=[0, 3], num_steps=3)
+  _, state, losses, _ = train(opt, params, (x, y), 4)
+  assert np.all(np.isfinite(losses))
+  assert int(state.num_teleports) == 2, tj.status_message(state.info)

@@ -225,6 +225,36 @@ def lookahead_loss(learning_rate: float | None = None, num_steps: int = 1) -> Ob
   return Objective(fn, False, f"lookahead_loss(lr={lr_name}, steps={k})", Prepared(fn))
 
 
+def _finite_cotangents(fn: Callable) -> Callable:
+  """``fn`` whose reverse-mode derivative sets non-finite input cotangents to zero.
+
+  Adaptive optimizers divide by ``sqrt(v) + eps``; for a coordinate whose
+  gradient and second moment are exactly zero (an embedding row no batch uses,
+  a parameter the loss ignores) the chain rule gives ``0 * inf = nan``, which
+  would poison the whole derivative of the look-ahead. Zero is the limit along
+  every direction in which that coordinate stays zero.
+  """
+
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp
+
+  def bwd(vjp, ct):
+    def clean(c):
+      if jnp.issubdtype(c.dtype, jnp.inexact):
+        return jnp.where(jnp.isfinite(c), c, jnp.zeros_like(c))
+      return c
+
+    return jax.tree.map(clean, vjp(ct))
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
+
+
 @dataclasses.dataclass(frozen=True)
 class _OptimizerLookahead:
   """``prepare`` of :func:`optimizer_lookahead`."""
@@ -249,10 +279,12 @@ class _OptimizerLookahead:
       state = jax.lax.stop_gradient(context.state_at(params, g))
       loss0 = loss_of(params)
 
+      update = _finite_cotangents(lambda g_, s_, p_: opt.update(g_, s_, p_, **kwargs))
+
       def body(_, carry):
         p, s = carry
         grads = jax.grad(loss_of)(p)
-        u, s = opt.update(grads, s, p, **kwargs)
+        u, s = update(grads, s, p)
         return optax.apply_updates(p, u), s
 
       p, _ = jax.lax.fori_loop(0, k, body, (params, state))

@@ -115,8 +115,10 @@ _MESSAGES = {
 }
 
 
-def status_message(status: int | chex.Array) -> str:
-  """The message for a :class:`TeleportInfo` ``status`` (concrete values only)."""
+def status_message(status: "int | chex.Array | TeleportInfo") -> str:
+  """The message for a :class:`TeleportInfo` or its ``status`` (concrete values only)."""
+  if isinstance(status, TeleportInfo):
+    status = status.status
   return TeleportStatus(int(status)).message
 
 

@@ -309,6 +309,12 @@ def run(config: common.RunConfig, progress=None) -> dict:
       loss_mean=common.finite_list(np.mean(losses, 0)),
       final_loss_per_seed=common.finite_list(losses[:, -1]),
       loss_at_50_per_seed=common.finite_list(losses[:, min(50, e_last)]),
+      loss_per_seed_at={
+        str(min(e, e_last)): common.finite_list(losses[:, min(e, e_last)])
+        for e in REG_EPOCHS_REPORTED
+      },
+      nonfinite_runs=row["nonfinite"],
+      n_seeds=int(losses.shape[0]),
       teleports=r["records"],
     )
   for m, r in cls.items():
@@ -324,6 +330,11 @@ def run(config: common.RunConfig, progress=None) -> dict:
       train_loss=common.finite_list(np.mean(r["train_loss"], 0)),
       val_loss=common.finite_list(np.mean(r["val_loss"], 0)),
       val_acc=common.finite_list(np.mean(r["val_acc"], 0)),
+      final_train_loss_per_seed=common.finite_list(r["train_loss"][:, -1]),
+      final_val_loss_per_seed=common.finite_list(r["val_loss"][:, -1]),
+      final_val_acc_per_seed=common.finite_list(r["val_acc"][:, -1]),
+      nonfinite_runs=row["nonfinite"],
+      n_seeds=int(r["train_loss"].shape[0]),
       teleports=r["records"],
     )
   _plot(reg, cls, config)

@@ -31,6 +31,7 @@ EXPERIMENTS = {
   "newton": "newton",
   "optimizers": "optimizers",
   "generalization": "generalization",
+  "backends": "backends",
 }
 
 

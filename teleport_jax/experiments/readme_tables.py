@@ -55,6 +55,7 @@ BLOCKS = (
   "newton",
   "optimizers",
   "generalization",
+  "backends",
 )
 _OPEN = "<!-- results:{} -->"
 _CLOSE = "<!-- /results:{} -->"
@@ -180,7 +181,7 @@ def bound(values, *, decades: int = 1, cap: float | None = None) -> Figure:
     return Figure("–")
   top = float(np.max(np.abs(finite)))
   if top == 0:
-    return Figure(f"{LE} 0", 0.0)
+    return Figure(f"{LE} {cap:g}" if cap is not None else f"{LE} 0", 0.0)
   # at least 3x above the largest value, then ``decades - 1`` more
   k = math.ceil(math.log10(3 * top)) + decades - 1
   if cap is not None and top <= cap < 10.0**k:
@@ -704,6 +705,83 @@ def _within_orbit(minima, measure) -> Figure:
   return Figure(f"{fmt_number(med, 3)} [{fmt_number(lo, 3)}, {fmt_number(hi, 3)}]", med)
 
 
+def _backend_teleports(records) -> list:
+  moved = [r for r in records if r["status"] == "SUCCESSFUL"]
+  gains = [r["objective_before"] / r["objective_after"] for r in moved if r["objective_after"]]
+  cost = [r["cost_grad_evals"] for r in records if r.get("cost_grad_evals") is not None]
+  return [
+    Figure(f"{len(moved)} of {len(records)}"),
+    bound([r["rel_loss_drift"] for r in moved], cap=1e-5) if moved else exact("–"),
+    spread([r["held_out_drift"] for r in records], style="range"),
+    spread(gains, style="range") if gains else exact("–"),
+    derived(f"{np.mean(cost):.0f}") if cost else exact("–"),
+  ]
+
+
+def backends(section: dict) -> list[Part]:
+  runs = section["runs"]
+  proto = section["protocol"]
+  reg = {k.split("/", 1)[1]: v for k, v in runs.items() if k.startswith("regression/")}
+  cls = {k.split("/", 1)[1]: v for k, v in runs.items() if k.startswith("classification/")}
+  epochs = list(next(iter(reg.values()))["loss_per_seed_at"])
+  none = [exact("–")] * 5
+  reg_rows = []
+  for m, r in reg.items():
+    name = "gd" if m == "gd" else f"gd + {m}"
+    losses = [spread(r["loss_per_seed_at"][e]) for e in epochs]
+    teleports = _backend_teleports(r["teleports"]) if r["teleports"] else none
+    reg_rows.append([f"`{name}`", *losses, *teleports, _nonfinite(r)])
+  cls_rows = []
+  for m, r in cls.items():
+    name = "sgd" if m == "sgd" else f"sgd + {m}"
+    teleports = _backend_teleports(r["teleports"]) if r["teleports"] else none
+    cls_rows.append(
+      [
+        f"`{name}`",
+        spread(r["final_train_loss_per_seed"]),
+        spread(r["final_val_loss_per_seed"]),
+        *teleports,
+        _nonfinite(r),
+      ]
+    )
+  rep = section["repeated_levelset"]
+  tele_cols = (
+    "teleports that moved",
+    "rel. loss change (batch)",
+    "rel. loss change (held out)",
+    "objective before / after",
+    "cost in gradient evaluations (not checked)",
+  )
+  rp, cp = proto["regression"], proto["classification"]
+  return [
+    f"Regression: the seed's problem, GD lr {rp['optimizer'].split()[-1]}, one teleport at "
+    f"epoch {rp['teleport_epoch']} ({rp['inner_steps']} inner steps of the look-ahead "
+    f"objective), mean ± std over {len(rp['seeds'])} seeds; held out: "
+    f"{rp['held_out']}.",
+    Table(
+      ("method", *(f"loss @ epoch {e}" for e in epochs), *tele_cols, "non-finite seeds"),
+      reg_rows,
+    ),
+    f"Classification: {cp['dataset']}, SGD, teleports on the first minibatch of each of the "
+    f"first 3 epochs ({cp['inner_steps']} inner steps), {cp['epochs']} epochs, "
+    f"{len(cp['seeds'])} seeds; held out: the {cp['held_out']}.",
+    Table(
+      ("method", "train loss (end)", "val. loss (end)", *tele_cols, "non-finite seeds"),
+      cls_rows,
+    ),
+    Table(
+      ("ten level-set calls in a row", "largest cumulative rel. loss change", "statuses"),
+      [
+        [
+          "regression, seed 0, from epoch 5",
+          bound(rep["cumulative_rel_drift"], cap=rep["rtol"]),
+          exact(", ".join(sorted(set(rep["statuses"])))),
+        ]
+      ],
+    ),
+  ]
+
+
 GENERATORS: dict[str, Callable[[dict], list[Part]]] = {
   "mlp_regression": mlp_regression,
   "classification": classification,
@@ -711,6 +789,7 @@ GENERATORS: dict[str, Callable[[dict], list[Part]]] = {
   "newton": newton,
   "optimizers": optimizers,
   "generalization": generalization,
+  "backends": backends,
 }
 
 
