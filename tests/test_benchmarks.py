@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # plumbing of the benchmark scripts: ``pytest -m slow``
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the benchmarks package lives next to tests/, not installed
   sys.path.insert(0, str(ROOT))
@@ -80,3 +82,13 @@ def test_parse_args_modes():
   assert args.quick and args.only == ["latency", "compile"]
   with pytest.raises(SystemExit):
     run.parse_args(["--quick", "--smoke"])
+
+
+@pytest.mark.parametrize("name", ["backends", "discovery"])
+def test_standalone_benchmarks_run_in_smoke_mode(tmp_path, name):
+  import importlib
+
+  module = importlib.import_module(f"benchmarks.{name}")
+  result = module.main(["--smoke", "--out", str(tmp_path)])
+  assert result["mode"] == "smoke" and result["tables"]
+  assert (tmp_path / f"{name}.json").exists()

@@ -13,6 +13,7 @@ def quick(tmp_path_factory):
   return functions2d.run(common.RunConfig(quick=True, out_dir=out)), out
 
 
+@pytest.mark.slow
 def test_keys_and_plots(quick):
   section, out = quick
   assert {"table", "notes", "targets", "runs", "protocol"} <= set(section)
@@ -22,6 +23,7 @@ def test_keys_and_plots(quick):
   assert ("booth", "gd") in methods and ("rosenbrock", "gd+teleport(lookahead)/k") in methods
 
 
+@pytest.mark.slow
 def test_teleports_keep_the_loss(quick):
   section, _ = quick
   for fn in section["runs"].values():
@@ -31,6 +33,7 @@ def test_teleports_keep_the_loss(quick):
         assert entry["max_rel_drift"] is not None and entry["max_rel_drift"] <= 1e-8
 
 
+@pytest.mark.slow
 def test_booth_teleport_needs_fewer_iterations(quick):
   section, _ = quick
   gd = section["runs"]["booth"]["gd"]["iters_to_tol"]
@@ -40,6 +43,7 @@ def test_booth_teleport_needs_fewer_iterations(quick):
   assert section["runs"]["booth"]["gd+teleport(max_grad_norm)"]["nonfinite_runs"] == 0
 
 
+@pytest.mark.slow
 def test_rosenbrock_lookahead_teleport_is_finite_and_faster(quick):
   section, _ = quick
   gd = section["runs"]["rosenbrock"]["gd"]["iters_to_tol"]

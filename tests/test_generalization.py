@@ -45,6 +45,7 @@ def _finite(x) -> bool:
   return x is not None and math.isfinite(x)
 
 
+@pytest.mark.slow
 def test_summary_has_the_contract_and_finite_values(summary):
   s, out = summary
   for key in ("dataset", "protocol", "runs", "table", "correlation_table", "orbit_spread_table"):
@@ -69,6 +70,7 @@ def test_summary_has_the_contract_and_finite_values(summary):
   assert teleport["rtol"] == common.RTOL_FLOAT32 and teleport["stability"] == "off"
 
 
+@pytest.mark.slow
 def test_teleports_move_their_objective_and_keep_the_function(summary):
   s, _ = summary
   assert s["targets"]["teleports_moved_their_objective"]
@@ -85,6 +87,7 @@ def test_teleports_move_their_objective_and_keep_the_function(summary):
     )
 
 
+@pytest.mark.slow
 def test_orbit_points_keep_validation_loss_and_relative_sharpness(summary):
   s, _ = summary
   rows = {r["measure"]: r for r in s["orbit_spread_table"]}

@@ -48,7 +48,14 @@ def test_every_notebook_is_there():
   assert EXPECTED <= {p.name for p in NOTEBOOKS}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+FAST = {"06_any_model.ipynb"}  # executed in the default run; the others with ``-m slow``
+
+
+@pytest.mark.parametrize(
+  "path",
+  [p if p.name in FAST else pytest.param(p, marks=pytest.mark.slow) for p in NOTEBOOKS],
+  ids=lambda p: p.name,
+)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
   client = NotebookClient(

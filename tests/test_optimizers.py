@@ -21,6 +21,7 @@ def tiny(monkeypatch):
   monkeypatch.setattr(optimizers, "POLICIES", ("transport",))
 
 
+@pytest.mark.slow
 def test_optimizer_experiment_writes_summary_tables_and_plots(tiny, tmp_path, capsys):
   assert cli.main(["--only", "optimizers", "--out", str(tmp_path), "--no-progress"]) == 0
   section = json.loads((tmp_path / "summary.json").read_text())["experiments"]["optimizers"]
