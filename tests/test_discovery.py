@@ -386,3 +386,26 @@ def test_diagonal_sites_transport_cotangents_elementwise():
   scale = d.cotangent_scale(m.params, g)
   assert set(scale) == {s.path for site in d.sites for s in site.slots}
   assert d.diagonal_transport
+
+
+def test_discovered_symmetry_teleports_a_vmap_over_seeds():
+  models = [zoo.cnn(channels=(2,), dense=(4, 3), image=(4, 4, 1), batch=4, seed=s) for s in (0, 1)]
+  d = find_symmetries(models[0].apply, models[0].params, models[0].inputs)
+  loss = zoo.loss_for(models[0])
+  batch = zoo.example_batch(models[0])
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(m.params for m in models))
+
+  @jax.jit
+  @jax.vmap
+  def run(params):
+    return tj.teleport(
+      loss, params, batch, symmetry=d, objective=tj.lookahead_loss(1e-2, 2), num_steps=3
+    )
+
+  new, info = run(stacked)
+  for i, m in enumerate(models):
+    assert tj.TeleportStatus(int(info.status[i])) == tj.TeleportStatus.SUCCESSFUL
+    one = jax.tree.map(lambda x: x[i], new)
+    before = float(loss(m.params, batch))
+    assert abs(float(loss(one, batch)) - before) <= 1e-4 * before
+    assert _tree_rel(one, m.params) > 0
