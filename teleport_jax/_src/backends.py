@@ -126,6 +126,27 @@ class LieState(NamedTuple):
   eta: chex.Array
 
 
+def check_step_fields(solver: Any) -> None:
+  """Validates (and normalises) the step-size fields a back-end has.
+
+  ``step_size``, ``max_step_size``, ``grow`` and ``shrink`` must be positive;
+  concrete values become Python floats. For frozen dataclasses, from
+  ``__post_init__``.
+  """
+  for name in ("step_size", "max_step_size", "grow", "shrink"):
+    if hasattr(solver, name):
+      object.__setattr__(solver, name, obj_lib.check_positive(getattr(solver, name), name))
+
+
+def adapted_step(eta: chex.Array, accepted: chex.Array, solver: Any) -> chex.Array:
+  """The next step size: ``grow`` after a kept step (capped at ``max_step_size``),
+  ``shrink`` after a refused one; in ``eta``'s dtype."""
+  eta_next = jnp.where(
+    accepted, jnp.minimum(eta * solver.grow, solver.max_step_size), eta * solver.shrink
+  )
+  return eta_next.astype(eta.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Lie(Solver):
   r"""Gradient ascent (or descent) on the group's Lie algebra.
@@ -169,10 +190,7 @@ class Lie(Solver):
   tracks_element = True
 
   def __post_init__(self):
-    object.__setattr__(self, "step_size", obj_lib.check_positive(self.step_size, "step_size"))
-    object.__setattr__(
-      self, "max_step_size", obj_lib.check_positive(self.max_step_size, "max_step_size")
-    )
+    check_step_fields(self)
     if not isinstance(self.normalize, bool):
       raise TypeError(f"normalize must be a bool, got {self.normalize!r}.")
 

@@ -268,8 +268,7 @@ class LineSearch(backends.Solver):
   tracks_element = True
 
   def __post_init__(self):
-    obj_lib.check_positive(self.step_size, "step_size")
-    obj_lib.check_positive(self.max_step_size, "max_step_size")
+    backends.check_step_fields(self)
 
   def init(self, problem, params):
     sym = problem.symmetry
@@ -296,10 +295,9 @@ class LineSearch(backends.Solver):
 
   def update(self, state, accepted, improvement, aux):
     del improvement, aux
-    eta = jnp.where(
-      accepted, jnp.minimum(state.eta * self.grow, self.max_step_size), state.eta * self.shrink
+    return state._replace(
+      eta=backends.adapted_step(state.eta, accepted, self), evals=state.evals + 1
     )
-    return state._replace(eta=eta.astype(state.eta.dtype), evals=state.evals + 1)
 
   def stats(self, state):
     # one objective gradient (about 3 values) + one value per step

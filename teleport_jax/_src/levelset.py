@@ -110,12 +110,7 @@ class LevelSet(backends.Solver):
   tracks_element = False
 
   def __post_init__(self):
-    object.__setattr__(self, "step_size", obj_lib.check_positive(self.step_size, "step_size"))
-    object.__setattr__(
-      self, "max_step_size", obj_lib.check_positive(self.max_step_size, "max_step_size")
-    )
-    object.__setattr__(self, "grow", obj_lib.check_positive(self.grow, "grow"))
-    object.__setattr__(self, "shrink", obj_lib.check_positive(self.shrink, "shrink"))
+    backends.check_step_fields(self)
     object.__setattr__(
       self, "num_corrections", obj_lib.check_count(self.num_corrections, "num_corrections", 0)
     )
@@ -175,10 +170,7 @@ class LevelSet(backends.Solver):
 
   def update(self, state, accepted, improvement=None, aux=None):
     del improvement, aux  # kept steps grow the step, refused ones shrink it
-    eta = jnp.where(
-      accepted, jnp.minimum(state.eta * self.grow, self.max_step_size), state.eta * self.shrink
-    )
-    return state._replace(eta=eta.astype(state.eta.dtype))
+    return state._replace(eta=backends.adapted_step(state.eta, accepted, self))
 
   def stats(self, state):
     return {
