@@ -19,6 +19,9 @@ jax.config.update("jax_enable_x64", True)
 
 DTYPES = (jnp.float32, jnp.float64)
 
+# tests/sharded needs 8 devices: tests/test_sharding.py runs it in its own process.
+collect_ignore = [] if os.environ.get("TELEPORT_JAX_SHARDED") else ["sharded"]
+
 
 def tol(dtype) -> float:
   """Relative tolerance for 'unchanged up to rounding' in ``dtype``."""

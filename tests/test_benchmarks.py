@@ -92,3 +92,15 @@ def test_standalone_benchmarks_run_in_smoke_mode(tmp_path, name):
   result = module.main(["--smoke", "--out", str(tmp_path)])
   assert result["mode"] == "smoke" and result["tables"]
   assert (tmp_path / f"{name}.json").exists()
+
+
+def test_sharding_benchmark_runs_in_smoke_mode_in_its_own_process(tmp_path):
+  import subprocess
+
+  # its own process: the benchmark asks for 8 emulated CPU devices before importing jax
+  cmd = [sys.executable, "-m", "benchmarks.sharding", "--smoke", "--out", str(tmp_path)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "sharding.json").read_text())
+  assert {r["devices"] for r in result["records"]} == {1, 8}
+  assert all(r["outputs_keep_shardings"] and r["teleport_accepted"] for r in result["records"])

@@ -197,6 +197,26 @@ def test_low_precision_params_teleport_in_float32_and_keep_their_dtype(low, kind
     _same(new, params)
 
 
+@pytest.mark.parametrize("low", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+def test_low_precision_teleports_are_within_tolerance_or_keep_the_input_bits(low):
+  params, data = published_problem(4)
+  params = [w.astype(low) for w in params]
+  up = lambda p: [w.astype(jnp.float32) for w in p]  # noqa: E731
+  l0 = float(published_loss(up(params), data))
+  sym = tj.PositiveRescaling()
+  new, info = tj.teleport(published_loss, params, data, symmetry=sym, num_steps=5)
+  assert bool(info.accepted), tj.status_message(info)
+  assert all(a.dtype == low for a in new)
+  # the drift is measured on the parameters as returned (cast back), in float32
+  assert abs(float(published_loss(up(new), data)) - l0) <= tj.default_rtol(low) * l0
+  assert float(info.rel_loss_drift) <= tj.default_rtol(low)
+  # a tolerance the cast back cannot meet: rejected, the input returned bit for bit
+  kept, info = tj.teleport(published_loss, params, data, symmetry=sym, num_steps=5, rtol=1e-9)
+  assert not bool(info.accepted)
+  _same(kept, params)
+  assert all(a.dtype == low for a in kept)
+
+
 def test_numpy_and_jax_scalars_are_accepted_as_numbers():
   params, data = published_problem(2)
   new, info = tj.teleport(

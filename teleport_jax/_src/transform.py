@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import shard_alike
 
 from teleport_jax._src import objectives as obj_lib
 from teleport_jax._src import schedules as sched_lib
@@ -278,7 +279,8 @@ def with_teleport(
   track = state_policy == "transport" or (lean and cfg.solver.tracks_element)
 
   def init_fn(params):
-    dtype = solver.params_dtype(params)
+    # No leaves: optax.tree_map_params's placeholder (only the structure counts).
+    dtype = solver.params_dtype(params) if jax.tree.leaves(params) else jnp.float32
     return TeleportState(
       count=jnp.zeros((), jnp.int32),
       inner_state=optimizer.init(params),
@@ -378,19 +380,23 @@ def with_teleport(
       info = jax.tree_util.tree_map(
         lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, state.info
       )
-      return new_params, grads, moved_inner, info
+      inner_updates, inner_state = optimizer.update(
+        grads, moved_inner, new_params, value_fn=value_fn, **extra_args
+      )
+      out = optax.tree.add(optax.tree.sub(new_params, params), inner_updates)
+      return optax.tree.cast_like(out, updates), _like(inner_state, inner), info
 
     def skip_branch(_):
-      return params, updates, inner, state.info
+      # exactly the wrapped optimizer's step: nothing else on the common path
+      inner_updates, inner_state = optimizer.update(
+        updates, inner, params, value_fn=value_fn, **extra_args
+      )
+      return optax.tree.cast_like(inner_updates, updates), _like(inner_state, inner), state.info
 
     do = state.schedule(state.count)
-    new_params, grads, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
-    inner_updates, inner_state = optimizer.update(
-      grads, inner_state, new_params, value_fn=value_fn, **extra_args
-    )
-    moved = optax.tree.sub(new_params, params)
-    out = optax.tree.add(moved, inner_updates)
-    out = optax.tree.cast_like(out, updates)
+    out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
+    out = _shard_like(out, updates)
+    inner_state = _shard_like(inner_state, state.inner_state)
     accepted = do & info.accepted
     return out, TeleportState(
       count=optax.safe_increment(state.count),
@@ -408,6 +414,26 @@ def with_teleport(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
+  """``tree`` with the dtypes of ``like`` (both branches of the step return the same types)."""
+
+  def cast(a, b):
+    a, dtype = jnp.asarray(a), jnp.asarray(b).dtype
+    return a if a.dtype == dtype else a.astype(dtype)
+
+  return jax.tree.map(cast, tree, like)
+
+
+def _shard_like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
+  """``tree`` sharded as ``like`` under jit (a no-op on one device).
+
+  The teleport branch's arithmetic would otherwise let jit's sharding
+  propagation pick other layouts for the updates and the optimizer state than
+  those they came in with (and a second compile at the next step).
+  """
+  return jax.tree.map(lambda a, b: shard_alike.shard_alike(a, b)[0], tree, like)
 
 
 class _KeywordLoss:
