@@ -384,14 +384,14 @@ def with_teleport(
         grads, moved_inner, new_params, value_fn=value_fn, **extra_args
       )
       out = optax.tree.add(optax.tree.sub(new_params, params), inner_updates)
-      return optax.tree.cast_like(out, updates), _like(inner_state, inner), info
+      return optax.tree.cast_like(out, updates), inner_state, info
 
     def skip_branch(_):
       # exactly the wrapped optimizer's step: nothing else on the common path
       inner_updates, inner_state = optimizer.update(
         updates, inner, params, value_fn=value_fn, **extra_args
       )
-      return optax.tree.cast_like(inner_updates, updates), _like(inner_state, inner), state.info
+      return optax.tree.cast_like(inner_updates, updates), inner_state, state.info
 
     do = state.schedule(state.count)
     out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
@@ -414,16 +414,6 @@ def with_teleport(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
-  """``tree`` with the dtypes of ``like`` (both branches of the step return the same types)."""
-
-  def cast(a, b):
-    a, dtype = jnp.asarray(a), jnp.asarray(b).dtype
-    return a if a.dtype == dtype else a.astype(dtype)
-
-  return jax.tree.map(cast, tree, like)
 
 
 def _shard_like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
