@@ -105,3 +105,25 @@ def test_line_search_improves_the_objective_with_one_gradient():
 def test_balancing_refuses_a_group_without_sites():
   with pytest.raises(ValueError, match="balancing needs rescaling or GL sites"):
     tj.Balance().element(tj.booth_symmetry(), jnp.ones(2))
+
+
+@pytest.mark.parametrize("target", ["norm", "grad"])
+def test_balancing_a_cnn_balances_the_channels_a_flatten_spreads_over_dense_rows(target):
+  # the last convolution's channels are read by the dense layer through a flatten:
+  # channel c owns rows c, c + C, ... of the dense kernel (a reshaped slot)
+  from teleport_jax import models
+
+  m = models.cnn(channels=(3, 4), dense=(6, 5), image=(8, 8, 1), batch=16, dtype=jnp.float64)
+  x, y = models.example_batch(m)
+  loss = lambda p, d: models.classification_loss(m)(p, d)  # noqa: E731
+  sym = tj.find_symmetries(m.apply, m.params, x)
+  assert any(
+    s.reshape is not None for part in sym.parts for s in part.site.slots
+  )
+  new, info = tj.teleport(
+    loss, m.params, (x, y), symmetry=sym, solver=tj.Balance(target=target), num_steps=3
+  )
+  assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
+  assert float(info.objective_after) < float(info.objective_before)
+  assert float(info.rel_loss_drift) <= 1e-10
+  np.testing.assert_allclose(m.apply(new, x), m.apply(m.params, x), rtol=1e-9, atol=1e-12)

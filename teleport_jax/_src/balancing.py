@@ -67,7 +67,10 @@ def _parts(symmetry, params) -> list:
 
 def _channels(x, slot: sites_lib.Slot, site: sites_lib.Site) -> chex.Array:
   """``x`` as ``(rows, H, d)`` with the element's heads (query heads of a KV group merged)."""
-  y = sites_lib._to_channels_last(jnp.asarray(x), slot)  # (..., H_leaf, d)
+  x = jnp.asarray(x)
+  if slot.reshape is not None:  # e.g. a dense kernel reading a flattened feature map
+    x = x.reshape(slot.view_shape(x.shape))
+  y = sites_lib._to_channels_last(x, slot)  # (..., H_leaf, d)
   h_leaf, d = y.shape[-2], y.shape[-1]
   y = y.reshape((-1, h_leaf, d))
   if slot.head_group > 1:  # rows of the heads that share one element
