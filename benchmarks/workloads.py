@@ -1,4 +1,15 @@
-"""What ``with_teleport`` costs at a step that does not teleport, at workload sizes.
+"""Training workloads: what ``with_teleport`` costs when idle, and time to a target loss.
+
+Two parts, in one process:
+
+1. **Idle cost** (below). 2. **Time to target** against tuned baselines: the
+``workloads`` experiment of ``reproduce``
+(:mod:`teleport_jax.experiments.workloads` documents the protocol: methods,
+tuning budget, seeds, target, metric), on real data (the bundled digits or
+MNIST, CPython's ``pydoc_data.topics`` text or ``--text FILE``). Skipped with
+``--overhead-only``.
+
+Idle cost: what ``with_teleport`` costs at a step that does not teleport, at workload sizes.
 
 A training loop that adds ``tj.with_teleport`` pays, at every step that does
 not teleport, for whatever the wrapper does besides the wrapped optimizer. This
@@ -23,9 +34,16 @@ the values):
   (lr 1e-3, b2 0.99, weight decay 0.1), GELU/LayerNorm and
   ReLU/gain-free-RMSNorm, the symmetries ``tj.find_symmetries`` finds.
 
+Results: ``benchmarks/results/workloads.json``, ``{"workloads": {NAME:
+{"target_val_loss", "baseline", "skip_step_overhead", "loop_skip_overhead",
+"methods": {METHOD: {"kind", "time_to_target_s", "steps_to_target",
+"final_val_loss", "compile_s", "teleport_cost_grad_steps", ...}}}}}``, and plots
+``workloads_NAME.png`` next to it.
+
 Usage::
 
-  python -m benchmarks.workloads [--quick | --smoke] [--only NAME ...] [--out benchmarks/results]
+  python -m benchmarks.workloads [--quick | --smoke] [--only NAME ...] [--overhead-only]
+      [--retune] [--text FILE] [--data-dir DIR] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -47,6 +65,8 @@ import optax  # noqa: E402
 import teleport_jax as tj  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from teleport_jax import models  # noqa: E402
+from teleport_jax.experiments import common  # noqa: E402
+from teleport_jax.experiments import workloads as wl_lib  # noqa: E402
 
 SETTINGS = {
   "smoke": dict(repeats=2, scale=0.25),
@@ -170,7 +190,7 @@ def overhead(name: str, scale: float, repeats: int) -> dict:
   }
 
 
-def run(mode: str, only=None) -> dict:
+def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None, out=None) -> dict:
   cfg = SETTINGS[mode]
   names = only or NAMES
   records = []
@@ -206,12 +226,40 @@ def run(mode: str, only=None) -> dict:
     ).as_dict()
     for r in records
   ]
+  workloads = {r["workload"]: {"skip_step_overhead": r["skip_step_overhead"]} for r in records}
+  tables = []
+  if train:
+    config = common.RunConfig(
+      quick=mode == "quick", out_dir=out, data_dir=data_dir, text=text, retune=retune, mode=mode
+    )
+    section = wl_lib.run(config, None, names=names)
+    for name, rec in section["workloads"].items():
+      workloads[name].update(rec)
+      ratios = [r["time_ratio"] for r in rec["methods"].values() if r["kind"] == "teleport"]
+      best = min((x for x in ratios if x is not None), default=None)
+      targets.append(
+        C.Target(
+          f"{name}: best teleport's median time to target / best tuned baseline's",
+          best if best is not None else float("inf"),
+          1.0,
+          "<=",
+          "x",
+        ).as_dict()
+      )
+    tables.append(
+      {
+        "title": "time to the best tuned baseline's final validation loss",
+        "rows": section["table"],
+        "columns": list(section["table"][0]),
+      }
+    )
   return {
     "suite": "workloads",
     "mode": mode,
     "records": records,
-    "workloads": {r["workload"]: {"skip_step_overhead": r["skip_step_overhead"]} for r in records},
-    "tables": [
+    "workloads": workloads,
+    "tables": tables
+    + [
       {
         "title": "with_teleport at a step that does not teleport vs the plain step",
         "rows": rows,
@@ -220,6 +268,9 @@ def run(mode: str, only=None) -> dict:
     ],
     "targets": targets,
     "notes": [
+      "time to target: training seconds (compiled loop, compile time apart) until the "
+      "validation loss is first at or below the best tuned baseline's median final "
+      "validation loss; 'time ratio' divides medians over the evaluation seeds.",
       "Both steps are compiled ahead of time (compile time apart) and timed in interleaved "
       "rounds in one process; 'params rel diff' is the largest difference between "
       "the parameters the two steps return, relative to the largest entry of each leaf "
@@ -237,10 +288,23 @@ def main(argv=None) -> dict:
   size.add_argument("--smoke", action="store_true", help="quarter-size models, two repeats")
   p.add_argument("--only", nargs="+", choices=NAMES, help="workloads to run")
   p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for workloads.json")
+  p.add_argument("--overhead-only", action="store_true", help="only the idle-step cost")
+  p.add_argument("--retune", action="store_true", help="tune the methods again")
+  p.add_argument("--text", type=Path, default=None, help="text for the character workloads")
+  p.add_argument("--data-dir", type=Path, default=None, help="directory with MNIST IDX files")
   args = p.parse_args(argv)
   mode = "smoke" if args.smoke else ("quick" if args.quick else "full")
   t = time.perf_counter()
-  result = run(mode, args.only)
+  args.out.mkdir(parents=True, exist_ok=True)
+  result = run(
+    mode,
+    args.only,
+    train=not args.overhead_only,
+    retune=args.retune,
+    text=args.text,
+    data_dir=args.data_dir,
+    out=args.out,
+  )
   result["wall_s"] = time.perf_counter() - t
   machine = C.machine_info()
   result["machine"] = {

@@ -3,6 +3,7 @@
 Usage::
 
   reproduce [--quick] [--out runs/] [--data-dir DIR] [--only NAME ...]
+  reproduce --only workloads [--quick] [--text FILE] [--retune]
 
 Prints each experiment's protocol, results table(s), notes and targets as soon as
 the experiment finishes, and writes PNG plots and ``summary.json`` into ``--out``
@@ -32,7 +33,10 @@ EXPERIMENTS = {
   "optimizers": "optimizers",
   "generalization": "generalization",
   "backends": "backends",
+  "workloads": "workloads",
 }
+# run only when named in --only (hours on 2 CPU cores: tuned baselines on five workloads)
+OPT_IN = ("workloads",)
 
 
 def _format(v) -> str:
@@ -134,7 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     nargs="*",
     choices=sorted(EXPERIMENTS),
     default=None,
-    help="run only these experiments",
+    help="run only these experiments (default: all but " + ", ".join(OPT_IN) + ")",
+  )
+  parser.add_argument(
+    "--text",
+    type=Path,
+    default=None,
+    help="text file for the character-level workloads (default: CPython's pydoc_data.topics)",
+  )
+  parser.add_argument(
+    "--retune", action="store_true", help="tune the workloads' methods again (else stored values)"
   )
   parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   args = parser.parse_args(argv)
@@ -142,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
   data_dir = args.data_dir or (
     Path(os.environ["TELEPORT_JAX_MNIST_DIR"]) if os.environ.get("TELEPORT_JAX_MNIST_DIR") else None
   )
-  config = common.RunConfig(quick=args.quick, out_dir=args.out, data_dir=data_dir)
+  config = common.RunConfig(
+    quick=args.quick, out_dir=args.out, data_dir=data_dir, text=args.text, retune=args.retune
+  )
   args.out.mkdir(parents=True, exist_ok=True)
-  names = args.only or list(EXPERIMENTS)
+  names = args.only or [n for n in EXPERIMENTS if n not in OPT_IN]
   modules = {
     n: importlib.import_module(f"teleport_jax.experiments.{EXPERIMENTS[n]}") for n in names
   }

@@ -33,11 +33,19 @@ class RunConfig:
     quick: reduced seeds/epochs (about 2 minutes on 2 CPU cores in total).
     out_dir: where plots and ``summary.json`` go.
     data_dir: directory with MNIST IDX files (optional).
+    text: a text file for the character-level workloads (default: the text that
+      ships with CPython, ``pydoc_data.topics``).
+    retune: tune the workloads' methods again instead of using the stored values.
+    mode: sizes by name (``"smoke"``, ``"quick"``, ``"full"``) for experiments
+      that have them; ``None``: from ``quick``.
   """
 
   quick: bool = False
   out_dir: Path = Path("runs")
   data_dir: Path | None = None
+  text: Path | None = None
+  retune: bool = False
+  mode: str | None = None
 
 
 class NullProgress:

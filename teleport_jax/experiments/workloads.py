@@ -1,0 +1,792 @@
+"""Wall-clock to a target validation loss on training workloads, against tuned baselines.
+
+Does a teleporting run reach a given validation loss sooner *on the clock* than
+well-tuned runs without teleportation? Every method trains the same model on
+the same data for the same number of steps; its learning rate (and weight
+decay, and what else it has) is tuned with the same budget of random trials on
+tuning seeds; the tuned values are then evaluated on other seeds. The target is
+the best tuned baseline's median final validation loss, and the metric is the
+training time until a run first reaches it.
+
+Workloads (offline: nothing is downloaded):
+
+* ``mlp_digits``: an MLP ``in-128-128-10`` (ReLU), batch 64, on scikit-learn's
+  bundled 8x8 digits (MNIST when its IDX files are given, as for the
+  classification experiment); symmetry :class:`teleport_jax.PositiveRescaling`.
+* ``cnn_digits`` / ``cnn_bn_digits``: a ReLU CNN (3x3 convolutions with 16 and
+  32 channels, 2x2 max-pooling, dense 64-10) without / with BatchNorm, batch
+  64; the symmetries :func:`teleport_jax.find_symmetries` finds.
+* ``char_transformer`` / ``char_transformer_relu``: a decoder-only
+  character-level transformer of the size of nanoGPT's CPU ``shakespeare_char``
+  configuration (4 layers, 4 heads, width 128, context 64, batch 12, no
+  dropout), GELU/LayerNorm and ReLU/gain-free RMSNorm (which has neuron
+  rescalings and residual rotations), on the text that ships with CPython
+  (``pydoc_data.topics``, about 465k characters, first 90 % for training, last
+  10 % for validation; ``--text FILE`` for another corpus); the symmetries
+  :func:`teleport_jax.find_symmetries` finds.
+
+Protocol:
+
+* Every method's learning rate follows ``lr * warmup_cosine(step)``: linear
+  warm-up over ``warmup`` steps (100 on the transformer, 5 % elsewhere), cosine
+  decay to ``0.1 * lr`` at the last step. Minibatches are drawn uniformly at
+  random with replacement (windows of the text, as nanoGPT does), inside the
+  compiled loop.
+* Methods. Baselines: ``adamw`` (b1 0.9, b2 0.99); ``sgd_nesterov`` (momentum
+  0.9, L2 weight decay); ``norm_balance``: AdamW with closed-form norm
+  balancing (:class:`teleport_jax.Balance`) after every step, the ENorm idea;
+  ``per_layer_lr``: AdamW whose step is multiplied per layer by ``r ** (d -
+  1/2)``, ``d`` in ``[0, 1]`` the layer's position in the parameter tree's
+  order (one extra tuned factor ``r``). Teleports (all wrap AdamW with
+  ``state_policy="transport"``, so Adam's moments move with the parameters):
+  ``tp_gradbalance``: closed-form gradient balancing
+  (``Balance(target="grad", max_log_scale=1)``) every 50 steps;
+  ``tp_lookahead``: the default optimizer-aware objective
+  (:func:`teleport_jax.optimizer_lookahead`, 5 AdamW steps from the
+  transported state) maximised by :class:`teleport_jax.LineSearch` (5 steps)
+  every 250 steps from step 20, with the default stability constraint.
+* Tuning: ``trials`` random draws (log-uniform) of the method's
+  hyper-parameters per method and workload, each trained on its own tuning
+  seed (1000 + trial: initialisation and minibatches); the draw with the
+  lowest final validation loss is kept. The chosen values are stored in
+  ``workloads_tuned.json`` next to this module (per mode) and reused unless
+  ``retune`` is asked for.
+* Evaluation: seeds ``0 .. seeds - 1``; the validation loss is measured every
+  ``eval_every`` steps (outside the timed part). Training is one compiled
+  ``lax.scan`` of ``eval_every`` steps per call (compiled ahead of time, compile
+  time reported apart); the time of a run is the sum of those calls
+  (``block_until_ready``). Time to target: the training time up to the first
+  evaluation at or below the target (resolution ``eval_every`` steps), ``None``
+  if never reached.
+* ``teleport_cost_grad_steps``: ``(t_method - t_adamw) / teleports / t_step``
+  from the median training times of whole runs, i.e. what one teleport costs
+  in AdamW steps on the clock (``None`` for methods that do not teleport).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import teleport_jax as tj
+from teleport_jax import models
+from teleport_jax.experiments import common
+from teleport_jax.experiments import data as data_lib
+
+NAMES = ("mlp_digits", "cnn_digits", "cnn_bn_digits", "char_transformer", "char_transformer_relu")
+TUNED_PATH = Path(__file__).with_name("workloads_tuned.json")
+TUNING_SEED = 1000
+
+# steps and evaluation interval per workload family; trials and seeds per mode
+SIZES = {
+  "full": dict(digits=(2000, 50), text=(2000, 100), trials=8, seeds=3, scale=1.0, val_windows=96),
+  "quick": dict(digits=(600, 25), text=(300, 25), trials=4, seeds=2, scale=1.0, val_windows=48),
+  "smoke": dict(digits=(30, 10), text=(20, 10), trials=2, seeds=1, scale=0.25, val_windows=8),
+}
+
+
+# ---------------------------------------------------------------- workloads
+@dataclasses.dataclass(frozen=True, eq=False)
+class Workload:
+  """A model, its data and its training length.
+
+  Attributes:
+    name: workload name.
+    description: one line.
+    init: ``seed -> params``.
+    loss: ``loss(params, x, y) -> scalar``.
+    train: the training data (a tuple of arrays, passed to ``sample``).
+    sample: ``sample(train, key) -> (x, y)``, one minibatch (jit-able).
+    val: ``(x, y)`` of the validation set (evaluated with ``loss``).
+    symmetry: the symmetry teleports and balancing use.
+    steps: training steps.
+    eval_every: steps between validation evaluations.
+    warmup: warm-up steps of the learning-rate schedule.
+    lr_range: ``{method family: (low, high)}`` of the learning rate.
+  """
+
+  name: str
+  description: str
+  init: Callable[[int], Any]
+  loss: Callable
+  train: tuple
+  sample: Callable
+  val: tuple
+  symmetry: Any
+  steps: int
+  eval_every: int
+  warmup: int
+  lr_range: dict
+
+
+def _int(x: float) -> int:
+  return max(2, int(round(x)))
+
+
+def _classification_sample(batch: int):
+  def sample(train, key):
+    x, y = train
+    idx = jax.random.randint(key, (batch,), 0, y.shape[0])
+    return x[idx], y[idx]
+
+  return sample
+
+
+def _xent(apply):
+  def loss(params, x, y):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y))
+
+  return loss
+
+
+def load_text(path: Path | None = None) -> tuple[str, str]:
+  """``(text, source)``: the file at ``path``, else CPython's ``pydoc_data.topics``."""
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"text file {path} does not exist.")
+    return path.read_text(encoding="utf-8", errors="replace"), str(path)
+  from pydoc_data import topics
+
+  return "".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics"
+
+
+def encode_text(text: str, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray, int]:
+  """Character ids of the first ``1 - val_fraction`` and the rest of ``text``."""
+  if len(text) < 1000:
+    raise ValueError(f"the text has {len(text)} characters; at least 1000 are needed.")
+  chars = sorted(set(text))
+  table = {c: i for i, c in enumerate(chars)}
+  tokens = np.fromiter((table[c] for c in text), dtype=np.int32, count=len(text))
+  cut = int(round(len(tokens) * (1 - val_fraction)))
+  return tokens[:cut], tokens[cut:], len(chars)
+
+
+def _windows(tokens, starts, context):
+  take = jax.vmap(lambda s: jax.lax.dynamic_slice(tokens, (s,), (context + 1,)))
+  w = take(starts)
+  return w[:, :-1], w[:, 1:]
+
+
+def make_workload(
+  name: str,
+  mode: str = "full",
+  data_dir: Path | None = None,
+  text: Path | None = None,
+) -> Workload:
+  """The workload ``name`` at the sizes of ``mode`` (``"full"``, ``"quick"``, ``"smoke"``)."""
+  if name not in NAMES:
+    raise ValueError(f"unknown workload {name!r}; choose from {', '.join(NAMES)}.")
+  size = SIZES[mode]
+  scale = size["scale"]
+  if name.startswith("char_transformer"):
+    raw, source = load_text(text)
+    if mode == "smoke":
+      raw = raw[:40_000]
+    train_tokens, val_tokens, vocab = encode_text(raw)
+    context, batch = 64, 12
+    relu = name.endswith("relu")
+    layers, width = _int(4 * scale), 8 * _int(16 * scale)
+
+    def build(seed):
+      return models.transformer(
+        vocab=vocab,
+        d_model=width,
+        heads=4,
+        layers=layers,
+        context=context,
+        batch=batch,
+        mlp="relu" if relu else "gelu",
+        norm="rmsnorm_gainfree" if relu else "layernorm",
+        seed=seed,
+      )
+
+    m = build(0)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(val_tokens) - context - 1, size["val_windows"])
+    val = _windows(jnp.asarray(val_tokens), jnp.asarray(starts), context)
+
+    def sample(train, key):
+      (tokens,) = train
+      s = jax.random.randint(key, (batch,), 0, tokens.shape[0] - context - 1)
+      return _windows(tokens, s, context)
+
+    steps, every = size["text"]
+    kind = "ReLU/gain-free RMSNorm" if relu else "GELU/LayerNorm"
+    return Workload(
+      name=name,
+      description=(
+        f"transformer {layers}x{width}, 4 heads, context {context}, batch {batch}, {kind}, "
+        f"vocabulary {vocab}; text {source} ({len(train_tokens)}/{len(val_tokens)} characters)"
+      ),
+      init=lambda seed: build(seed).params,
+      loss=_xent(m.apply),
+      train=(jnp.asarray(train_tokens),),
+      sample=sample,
+      val=val,
+      symmetry=tj.find_symmetries(m.apply, m.params, m.inputs),
+      steps=steps,
+      eval_every=every,
+      warmup=min(100, steps // 10),
+      lr_range=dict(adam=(2e-4, 5e-3), sgd=(3e-2, 3.0)),
+    )
+  ds = data_lib.load_classification_data(data_dir, seed=0)
+  x_tr, x_va = ds.x_train, ds.x_val
+  side = int(round(math.sqrt(x_tr.shape[1])))
+  batch = 64
+  steps, every = size["digits"]
+  if name == "mlp_digits":
+    h = _int(128 * scale)
+    widths = (x_tr.shape[1], h, h, 10)
+
+    def build(seed):
+      return models.mlp(widths, activation="relu", batch=batch, seed=seed)
+
+    m = build(0)
+    sym = tj.PositiveRescaling()
+    what = f"MLP {'-'.join(map(str, widths))} (ReLU), batch {batch}"
+  else:
+    c1, c2, d = _int(16 * scale), _int(32 * scale), _int(64 * scale)
+    bn = name == "cnn_bn_digits"
+    x_tr = x_tr.reshape(-1, side, side, 1)
+    x_va = x_va.reshape(-1, side, side, 1)
+
+    def build(seed):
+      return models.cnn(
+        channels=(c1, c2),
+        dense=(d, 10),
+        activation="relu",
+        pool="max",
+        batchnorm=bn,
+        image=(side, side, 1),
+        batch=batch,
+        seed=seed,
+      )
+
+    m = build(0)
+    sym = tj.find_symmetries(m.apply, m.params, jnp.asarray(x_tr[:batch]))
+    what = f"ReLU CNN conv {c1}-{c2}, dense {d}-10{', BatchNorm' if bn else ''}, batch {batch}"
+  return Workload(
+    name=name,
+    description=f"{what}; {ds.name} ({len(ds.y_train)}/{len(ds.y_val)} images)",
+    init=lambda seed: build(seed).params,
+    loss=_xent(m.apply),
+    train=(jnp.asarray(x_tr), jnp.asarray(ds.y_train)),
+    sample=_classification_sample(batch),
+    val=(jnp.asarray(x_va), jnp.asarray(ds.y_val)),
+    symmetry=sym,
+    steps=steps,
+    eval_every=every,
+    warmup=max(1, steps // 20),
+    lr_range=dict(adam=(3e-4, 1e-2), sgd=(1e-2, 1.0)),
+  )
+
+
+# ------------------------------------------------------------------ methods
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A training method: how to build its optimizer from traced hyper-parameters.
+
+  Attributes:
+    name: method name.
+    kind: ``"baseline"`` or ``"teleport"``.
+    space: ``{hyper-parameter: (family or None, low, high)}``, log-uniform; a
+      family names the workload's ``lr_range`` entry.
+    build: ``build(hp, workload, schedule) -> GradientTransformationExtraArgs``.
+    description: one line.
+  """
+
+  name: str
+  kind: str
+  space: dict
+  build: Callable
+  description: str
+
+
+def _adamw(hp, lr):
+  return optax.adamw(lr, b1=0.9, b2=0.99, weight_decay=hp["wd"])
+
+
+def _layer_scale(hp) -> optax.GradientTransformation:
+  """Multiplies each layer's updates by ``r ** (d - 1/2)`` (``d``: depth in [0, 1])."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    paths = jax.tree_util.tree_flatten_with_path(updates)[0]
+    layers = sorted({_layer_key(p) for p, _ in paths})
+    depth = {k: (i / max(1, len(layers) - 1)) - 0.5 for i, k in enumerate(layers)}
+    log_r = jnp.log(hp["r"])
+    scaled = [u * jnp.exp(log_r * depth[_layer_key(p)]).astype(u.dtype) for p, u in paths]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(updates), scaled), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _layer_key(path) -> str:
+  keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+  if keys and keys[0] in ("params", "batch_stats"):
+    keys = keys[1:]
+  return keys[0] if keys else ""
+
+
+_ADAM_SPACE = {"lr": ("adam", None, None), "wd": (None, 1e-2, 0.3)}
+
+
+def _tp(hp, lr, wl, **kwargs):
+  return tj.with_teleport(_adamw(hp, lr), wl.symmetry, state_policy="transport", **kwargs)
+
+
+METHODS = {
+  m.name: m
+  for m in (
+    Method("adamw", "baseline", _ADAM_SPACE, lambda hp, lr, wl: _adamw(hp, lr), "AdamW (b2 0.99)"),
+    Method(
+      "sgd_nesterov",
+      "baseline",
+      {"lr": ("sgd", None, None), "wd": (None, 1e-5, 1e-2)},
+      lambda hp, lr, wl: optax.chain(
+        optax.add_decayed_weights(hp["wd"]), optax.sgd(lr, momentum=0.9, nesterov=True)
+      ),
+      "SGD, Nesterov momentum 0.9, L2 weight decay",
+    ),
+    Method(
+      "norm_balance",
+      "baseline",
+      _ADAM_SPACE,
+      lambda hp, lr, wl: _tp(
+        hp, lr, wl, schedule=tj.every(1), solver_backend=tj.Balance("norm"), stability=False
+      ),
+      "AdamW + closed-form norm balancing after every step",
+    ),
+    Method(
+      "per_layer_lr",
+      "baseline",
+      {**_ADAM_SPACE, "r": (None, 1 / 8, 8.0)},
+      lambda hp, lr, wl: optax.chain(_adamw(hp, lr), _layer_scale(hp)),
+      "AdamW with per-layer step factors r^(depth - 1/2)",
+    ),
+    Method(
+      "tp_gradbalance",
+      "teleport",
+      _ADAM_SPACE,
+      lambda hp, lr, wl: _tp(
+        hp,
+        lr,
+        wl,
+        schedule=tj.every(50, start=10),
+        solver_backend=tj.Balance("grad", max_log_scale=1.0),
+      ),
+      "AdamW + closed-form gradient balancing every 50 steps (|log s| <= 1)",
+    ),
+    Method(
+      "tp_lookahead",
+      "teleport",
+      _ADAM_SPACE,
+      lambda hp, lr, wl: _tp(
+        hp,
+        lr,
+        wl,
+        schedule=tj.every(250, start=20),
+        solver_backend=tj.LineSearch(),
+        num_steps=5,
+      ),
+      "AdamW + optimizer look-ahead (5 AdamW steps) by line search every 250 steps",
+    ),
+  )
+}
+# a with_teleport whose schedule never fires: what the wrapper costs in a compiled loop
+_NEVER = Method(
+  "adamw_with_teleport_idle",
+  "baseline",
+  _ADAM_SPACE,
+  lambda hp, lr, wl: _tp(hp, lr, wl, schedule=tj.every(1, start=2**30)),
+  "AdamW inside with_teleport, schedule never firing",
+)
+
+
+def lr_schedule(hp, wl: Workload) -> Callable:
+  base = optax.warmup_cosine_decay_schedule(
+    0.0, 1.0, wl.warmup, max(wl.steps, wl.warmup + 1), end_value=0.1
+  )
+  return lambda count: hp["lr"] * base(count)
+
+
+def draw_trials(method: Method, wl: Workload, n: int) -> list[dict]:
+  """``n`` log-uniform draws of ``method``'s hyper-parameters (seeded by the names)."""
+  seed = int.from_bytes(f"{wl.name}/{method.name}".encode(), "little") % (2**32)
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    hp = {}
+    for k, (family, lo, hi) in method.space.items():
+      if family is not None:
+        lo, hi = wl.lr_range[family]
+      hp[k] = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    out.append(hp)
+  return out
+
+
+# ------------------------------------------------------------------ training
+@dataclasses.dataclass
+class Trainer:
+  """A method compiled for a workload: ``run(hp, seed)`` trains one run."""
+
+  wl: Workload
+  method: Method
+  compile_s: float = 0.0
+
+  def __post_init__(self):
+    wl, method = self.wl, self.method
+    loss = wl.loss
+
+    def make(hp):
+      return optax.with_extra_args_support(method.build(hp, lr_schedule(hp, wl), wl))
+
+    def init(params, hp):
+      return make(hp).init(params)
+
+    def chunk(params, state, key, hp, train):
+      opt = make(hp)
+
+      def step(carry, _):
+        p, s, k = carry
+        k, sub = jax.random.split(k)
+        x, y = wl.sample(train, sub)
+        value, g = jax.value_and_grad(loss)(p, x, y)
+        u, s = opt.update(g, s, p, value_fn=loss, x=x, y=y)
+        return (optax.apply_updates(p, u), s, k), value
+
+      (params, state, key), values = jax.lax.scan(
+        step, (params, state, key), None, length=wl.eval_every
+      )
+      return params, state, key, jnp.mean(values)
+
+    def evaluate(params, val):
+      return loss(params, *val)
+
+    params = wl.init(0)
+    hp0 = {k: jnp.float32(1e-3) for k in method.space}
+    t = time.perf_counter()
+    self._init = jax.jit(init).lower(params, hp0).compile()
+    state = jax.eval_shape(init, params, hp0)
+    key = jax.random.key(0)
+    self._chunk = (
+      jax.jit(chunk, donate_argnums=(0, 1)).lower(params, state, key, hp0, wl.train).compile()
+    )
+    self._eval = jax.jit(evaluate).lower(params, wl.val).compile()
+    self.compile_s = time.perf_counter() - t
+
+  def run(self, hp: dict, seed: int) -> dict:
+    """Trains one run; returns its validation curve, times and teleport counts."""
+    wl = self.wl
+    hp = {k: jnp.float32(v) for k, v in hp.items()}
+    params = wl.init(seed)
+    state = self._init(params, hp)
+    key = jax.random.key(seed)
+    val = [float(self._eval(params, wl.val))]
+    times, train = [0.0], []
+    elapsed = 0.0
+    for _ in range(wl.steps // wl.eval_every):
+      t = time.perf_counter()
+      params, state, key, tr = self._chunk(params, state, key, hp, wl.train)
+      jax.block_until_ready((params, state))
+      elapsed += time.perf_counter() - t
+      times.append(elapsed)
+      train.append(float(tr))
+      v = float(self._eval(params, wl.val))
+      val.append(v)
+      if not math.isfinite(v):
+        break
+    out = dict(val_loss=val, train_loss=train, time_s=times, eval_every=wl.eval_every)
+    if isinstance(state, tj.TeleportState):
+      out.update(
+        teleports=int(state.num_teleports),
+        rejected=int(state.num_rejected),
+        max_rel_loss_drift=float(state.max_rel_loss_drift),
+      )
+    return out
+
+
+def _final(run: dict) -> float:
+  v = run["val_loss"][-1]
+  return v if math.isfinite(v) else math.inf
+
+
+def tune(trainer: Trainer, trials: int, progress=None) -> dict:
+  """Random search: ``trials`` draws, each on tuning seed ``TUNING_SEED + i``."""
+  draws = draw_trials(trainer.method, trainer.wl, trials)
+  scores = []
+  for i, hp in enumerate(draws):
+    scores.append(_final(trainer.run(hp, TUNING_SEED + i)))
+    if progress is not None:
+      progress.update()
+  best = int(np.argmin(scores))
+  return {
+    "hp": draws[best],
+    "trials": [
+      {"hp": hp, "final_val_loss": s if math.isfinite(s) else None} for hp, s in zip(draws, scores)
+    ],
+  }
+
+
+def _median(xs):
+  """Median of the reached values; ``None`` if fewer than half of the runs reached."""
+  got = [x for x in xs if x is not None]
+  if len(got) * 2 < len(xs) or not got:
+    return None
+  padded = sorted(got) + [math.inf] * (len(xs) - len(got))
+  m = statistics.median(padded)
+  return None if math.isinf(m) else m
+
+
+def to_target(run: dict, target: float) -> tuple[float | None, int | None]:
+  """Training seconds and steps until the validation loss is first ``<= target``."""
+  for i, v in enumerate(run["val_loss"]):
+    if v <= target:
+      return run["time_s"][i], i * run["eval_every"]
+  return None, None
+
+
+def load_tuned() -> dict:
+  if TUNED_PATH.is_file():
+    return json.loads(TUNED_PATH.read_text())
+  return {}
+
+
+def save_tuned(tuned: dict) -> None:
+  TUNED_PATH.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+
+
+def run_workload(
+  name: str,
+  mode: str = "full",
+  *,
+  methods=None,
+  retune: bool = False,
+  data_dir=None,
+  text=None,
+  progress=None,
+  tuned: dict | None = None,
+) -> dict:
+  """Tunes (or loads) and evaluates every method on one workload.
+
+  Returns:
+    The workload's record: ``target_val_loss``, ``baseline``, ``methods`` (per
+    method ``kind``, ``time_to_target_s``, ``steps_to_target``,
+    ``final_val_loss``, ``compile_s``, ``teleport_cost_grad_steps``, the tuned
+    ``hp`` and the per-seed curves), ``loop_skip_overhead``.
+  """
+  size = SIZES[mode]
+  wl = make_workload(name, mode, data_dir=data_dir, text=text)
+  tuned = load_tuned() if tuned is None else tuned
+  stored = tuned.setdefault(mode, {}).setdefault(name, {})
+  names = list(methods or METHODS)
+  seeds = list(range(size["seeds"]))
+  out: dict[str, Any] = {}
+  trainers = {}
+  for mname in names:
+    method = METHODS[mname]
+    trainer = trainers[mname] = Trainer(wl, method)
+    if retune or mname not in stored:
+      stored[mname] = tune(trainer, size["trials"], progress)
+    hp = stored[mname]["hp"]
+    runs = []
+    for s in seeds:
+      runs.append(trainer.run(hp, s))
+      if progress is not None:
+        progress.update()
+    out[mname] = dict(
+      kind=method.kind,
+      description=method.description,
+      hp=hp,
+      compile_s=trainer.compile_s,
+      runs=runs,
+    )
+  # what the wrapper costs in a compiled loop when it never teleports: AdamW's
+  # tuned values, the idle wrapper and plain AdamW timed back to back, twice
+  hp = stored["adamw"]["hp"] if "adamw" in stored else draw_trials(METHODS["adamw"], wl, 1)[0]
+  idle, plain = Trainer(wl, _NEVER), trainers.get("adamw") or Trainer(wl, METHODS["adamw"])
+  ratios = []
+  for _ in range(2):
+    t_idle = idle.run(hp, 0)["time_s"][-1]
+    t_plain = plain.run(hp, 0)["time_s"][-1]
+    ratios.append(t_idle / t_plain)
+  return summarise(wl, out, loop_skip_overhead=min(ratios))
+
+
+def summarise(wl: Workload, out: dict, loop_skip_overhead: float | None = None) -> dict:
+  """Target, time to target and teleport cost from the evaluated runs."""
+  finals = {m: [_final(r) for r in rec["runs"]] for m, rec in out.items()}
+  baselines = [m for m, rec in out.items() if rec["kind"] == "baseline"]
+  best = min(baselines, key=lambda m: statistics.median(finals[m]))
+  target = statistics.median(finals[best])
+  total = {m: statistics.median(r["time_s"][-1] for r in rec["runs"]) for m, rec in out.items()}
+  per_step = total["adamw"] / wl.steps if "adamw" in total else None
+  methods = {}
+  for m, rec in out.items():
+    hits = [to_target(r, target) for r in rec["runs"]]
+    teleports = [r.get("teleports") for r in rec["runs"]]
+    cost = None
+    if rec["kind"] == "teleport" and per_step and teleports[0]:
+      n = statistics.median(teleports)
+      cost = (total[m] - total["adamw"]) / n / per_step if n else None
+    methods[m] = dict(
+      kind=rec["kind"],
+      description=rec["description"],
+      hp=rec["hp"],
+      time_to_target_s=[h[0] for h in hits],
+      steps_to_target=[h[1] for h in hits],
+      final_val_loss=[f if math.isfinite(f) else None for f in finals[m]],
+      train_time_s=[r["time_s"][-1] for r in rec["runs"]],
+      compile_s=rec["compile_s"],
+      teleport_cost_grad_steps=cost,
+      teleports=teleports if teleports[0] is not None else None,
+      rejected=[r.get("rejected") for r in rec["runs"]] if teleports[0] is not None else None,
+      max_rel_loss_drift=max((r.get("max_rel_loss_drift", 0.0) for r in rec["runs"]), default=0.0),
+      nonfinite=any(not math.isfinite(r["val_loss"][-1]) for r in rec["runs"]),
+      curves=[{k: r[k] for k in ("val_loss", "time_s")} for r in rec["runs"]],
+    )
+  base_time = _median(methods[best]["time_to_target_s"])
+  for m in methods.values():
+    t = _median(m["time_to_target_s"])
+    m["time_ratio"] = None if t is None or not base_time else t / base_time
+  return dict(
+    description=wl.description,
+    steps=wl.steps,
+    eval_every=wl.eval_every,
+    target_val_loss=target,
+    baseline=best,
+    loop_skip_overhead=loop_skip_overhead,
+    methods=methods,
+  )
+
+
+# ------------------------------------------------------------------ reproduce
+def _mode(config: common.RunConfig) -> str:
+  return config.mode or ("quick" if config.quick else "full")
+
+
+def num_units(config: common.RunConfig) -> int:
+  size = SIZES[_mode(config)]
+  return len(NAMES) * len(METHODS) * size["seeds"]
+
+
+def _fmt_median(xs) -> float | None:
+  return _median(xs)
+
+
+def table_rows(records: dict) -> list[dict]:
+  """One row per workload and method: medians over the evaluation seeds."""
+  rows = []
+  for name, rec in records.items():
+    for m, r in rec["methods"].items():
+      finals = [f for f in r["final_val_loss"] if f is not None]
+      steps = _median(r["steps_to_target"])
+      rows.append(
+        {
+          "workload": name,
+          "method": m,
+          "kind": r["kind"],
+          "final val loss": statistics.median(finals) if finals else None,
+          "reached": f"{sum(t is not None for t in r['time_to_target_s'])}/"
+          f"{len(r['time_to_target_s'])}",
+          "time to target s": _median(r["time_to_target_s"]),
+          "time ratio": r["time_ratio"],
+          "steps to target": steps,
+          "train s": statistics.median(r["train_time_s"]),
+          "teleport cost (steps)": r["teleport_cost_grad_steps"],
+          "compile s": r["compile_s"],
+        }
+      )
+  return rows
+
+
+def plot(name: str, rec: dict, out_dir: Path) -> list[Path]:
+  """Validation loss against training seconds and against steps (median over seeds)."""
+  plt = common.plt()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for m, r in rec["methods"].items():
+    curves = r["curves"]
+    n = min(len(c["val_loss"]) for c in curves)
+    val = np.median(np.asarray([c["val_loss"][:n] for c in curves]), axis=0)
+    secs = np.median(np.asarray([c["time_s"][:n] for c in curves]), axis=0)
+    steps = np.arange(n) * rec["eval_every"]
+    style = "-" if r["kind"] == "teleport" else "--"
+    axes[0].plot(secs, val, style, label=m)
+    axes[1].plot(steps, val, style, label=m)
+  for ax, xlabel in zip(axes, ("training seconds", "steps")):
+    ax.axhline(rec["target_val_loss"], color="k", lw=0.8, ls=":")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss")
+    ax.set_yscale("log")
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"{name}: {rec['description']}", fontsize=9)
+  fig.tight_layout()
+  path = out_dir / f"workloads_{name}.png"
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return [path]
+
+
+def run(config: common.RunConfig, progress=None, names=None) -> dict:
+  """The ``workloads`` experiment of ``reproduce`` (every workload, every method)."""
+  mode = _mode(config)
+  tuned = load_tuned()
+  before = json.dumps(tuned, sort_keys=True)
+  records = {}
+  for name in names or NAMES:
+    records[name] = run_workload(
+      name,
+      mode,
+      retune=config.retune,
+      data_dir=config.data_dir,
+      text=config.text,
+      progress=progress,
+      tuned=tuned,
+    )
+    if config.out_dir is not None:
+      plot(name, records[name], Path(config.out_dir))
+  if json.dumps(tuned, sort_keys=True) != before:
+    save_tuned(tuned)
+  size = SIZES[mode]
+  best = {}
+  for name, rec in records.items():
+    ratios = {m: r["time_ratio"] for m, r in rec["methods"].items() if r["kind"] == "teleport"}
+    reached = {m: x for m, x in ratios.items() if x is not None}
+    best[name] = min(reached.values()) if reached else None
+  return dict(
+    protocol=dict(
+      mode=mode,
+      trials=size["trials"],
+      evaluation_seeds=size["seeds"],
+      tuning_seeds=f"{TUNING_SEED}..{TUNING_SEED + size['trials'] - 1}",
+      methods={m: METHODS[m].description for m in METHODS},
+      workloads={n: r["description"] for n, r in records.items()},
+      steps={n: f"{r['steps']} (evaluate every {r['eval_every']})" for n, r in records.items()},
+    ),
+    table=table_rows(records),
+    workloads=records,
+    notes=[
+      "target: the best tuned baseline's median final validation loss; time ratio: "
+      "median time to target / the best baseline's (None: fewer than half the seeds "
+      "reached it)",
+      "loop skip overhead (a with_teleport that never fires / AdamW, compiled loop): "
+      + ", ".join(f"{n} {r['loop_skip_overhead']:.3f}" for n, r in records.items()),
+    ],
+    targets={f"best teleport time ratio {n}": v for n, v in best.items()},
+  )

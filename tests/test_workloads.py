@@ -1,0 +1,154 @@
+"""The training workloads in reduced form: data, methods, the time-to-target metric."""
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import teleport_jax as tj
+from teleport_jax.experiments import cli
+from teleport_jax.experiments import common
+from teleport_jax.experiments import workloads as W
+
+
+def test_text_is_encoded_by_character_and_split_90_10():
+  text = "".join(chr(97 + (i * 7) % 23) for i in range(5000))
+  train, val, vocab = W.encode_text(text)
+  assert vocab == len(set(text)) and len(train) == 4500 and len(val) == 500
+  chars = sorted(set(text))
+  assert "".join(chars[i] for i in np.concatenate([train, val])) == text
+  with pytest.raises(ValueError, match="at least 1000"):
+    W.encode_text("short")
+
+
+def test_the_default_text_is_the_one_that_ships_with_python():
+  text, source = W.load_text()
+  assert source == "pydoc_data.topics" and len(text) > 400_000
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    W.load_text("/nonexistent/corpus.txt")
+
+
+@functools.cache
+def _transformer():
+  return W.make_workload("char_transformer_relu", "smoke")
+
+
+def test_text_minibatches_are_windows_whose_targets_are_the_next_characters():
+  wl = _transformer()
+  x, y = jax.jit(wl.sample)(wl.train, jax.random.key(3))
+  assert x.shape == y.shape == (12, 64) and x.dtype == jnp.int32
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+  tokens = np.asarray(wl.train[0])
+  for row in np.asarray(x)[:3]:  # each row is a contiguous window of the training text
+    starts = np.flatnonzero(tokens[: len(tokens) - 64] == row[0])
+    assert any(np.array_equal(tokens[s : s + 64], row) for s in starts)
+
+
+def test_unknown_workload_is_refused_by_name():
+  with pytest.raises(ValueError, match="unknown workload 'resnet'"):
+    W.make_workload("resnet", "smoke")
+
+
+def test_trials_are_log_uniform_draws_inside_the_ranges_and_reproducible():
+  wl = _transformer()
+  method = W.METHODS["per_layer_lr"]
+  draws = W.draw_trials(method, wl, 8)
+  assert draws == W.draw_trials(method, wl, 8)
+  lo, hi = wl.lr_range["adam"]
+  assert all(lo <= d["lr"] <= hi and 1 / 8 <= d["r"] <= 8 and 1e-2 <= d["wd"] <= 0.3 for d in draws)
+  assert len({d["lr"] for d in draws}) == 8
+
+
+def test_per_layer_factors_span_r_to_the_minus_and_plus_one_half():
+  updates = {"params": {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(1)}}
+  out, _ = W._layer_scale({"r": jnp.float32(4.0)}).update(updates, None)
+  np.testing.assert_allclose(out["params"]["a"], 0.5, rtol=1e-6)
+  np.testing.assert_allclose(out["params"]["b"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(out["params"]["c"], 2.0, rtol=1e-6)
+
+
+def _run(val, times, every=10):
+  return dict(val_loss=val, time_s=times, eval_every=every, train_loss=[])
+
+
+def test_time_to_target_is_read_from_the_first_evaluation_at_or_below_the_target():
+  run = _run([2.0, 1.0, 0.5, 0.4], [0.0, 1.0, 2.0, 3.0])
+  assert W.to_target(run, 0.5) == (2.0, 20)
+  assert W.to_target(run, 0.1) == (None, None)
+  assert W._median([1.0, None, 3.0]) == 3.0  # the missing run counts as slowest
+  assert W._median([1.0, None, None]) is None
+
+
+def test_the_target_is_the_best_baselines_median_final_loss():
+  wl = _transformer()
+  runs = {
+    "adamw": ("baseline", [[3, 2, 1.0], [3, 2, 1.2], [3, 2, 1.1]]),
+    "sgd_nesterov": ("baseline", [[3, 2, 0.9], [3, 2, 0.8], [3, 2, math.nan]]),
+    "tp": ("teleport", [[3, 0.9, 0.5], [3, 1.0, 0.6], [3, 2, 2.0]]),
+  }
+  out = {
+    m: dict(
+      kind=kind,
+      description=m,
+      hp={},
+      compile_s=1.0,
+      runs=[
+        dict(_run(v, [0, 1, 2]), **({"teleports": 2} if kind == "teleport" else {})) for v in vals
+      ],
+    )
+    for m, (kind, vals) in runs.items()
+  }
+  rec = W.summarise(wl, out)
+  assert rec["baseline"] == "sgd_nesterov" and rec["target_val_loss"] == 0.9
+  tp = rec["methods"]["tp"]
+  assert tp["time_to_target_s"] == [1, 2, None] and tp["steps_to_target"] == [10, 20, None]
+  assert rec["methods"]["sgd_nesterov"]["nonfinite"] and not tp["nonfinite"]
+  assert tp["time_ratio"] == pytest.approx(2 / 2)
+  json.dumps(rec)  # the record is plain JSON
+
+
+@pytest.fixture(scope="module")
+def mlp_record():
+  """Every method on the digits MLP at smoke size: tuned, evaluated, summarised."""
+  tuned = {}
+  return W.run_workload("mlp_digits", "smoke", tuned=tuned), tuned
+
+
+def test_every_method_trains_and_the_teleports_stay_on_the_level_set(mlp_record):
+  rec, tuned = mlp_record
+  assert set(rec["methods"]) == set(W.METHODS)
+  assert set(tuned["smoke"]["mlp_digits"]) == set(W.METHODS)
+  for name, m in rec["methods"].items():
+    assert not m["nonfinite"], name
+    assert all(np.isfinite(c["val_loss"]).all() for c in m["curves"])
+    assert all(np.all(np.diff(c["time_s"]) > 0) for c in m["curves"])
+    assert m["hp"] in [t["hp"] for t in tuned["smoke"]["mlp_digits"][name]["trials"]]
+    assert m["max_rel_loss_drift"] <= tj.default_rtol(jnp.float32)
+    if m["kind"] == "teleport":
+      assert all(n >= 1 for n in m["teleports"]), name
+  base = rec["methods"][rec["baseline"]]
+  assert rec["target_val_loss"] == pytest.approx(np.median(base["final_val_loss"]))
+  assert rec["loop_skip_overhead"] > 0
+
+
+def test_reproduce_runs_the_workloads_only_when_asked(monkeypatch, tmp_path):
+  seen = []
+
+  class Fake:
+    def num_units(self, config):
+      return 0
+
+    def run(self, config, progress):
+      seen.append(config)
+      return dict(table=[dict(a=1)])
+
+  monkeypatch.setattr(cli.importlib, "import_module", lambda name: Fake())
+  cli.main(["--out", str(tmp_path), "--no-progress"])
+  assert len(seen) == len(cli.EXPERIMENTS) - 1
+  seen.clear()
+  cli.main(["--out", str(tmp_path), "--no-progress", "--only", "workloads", "--retune"])
+  assert len(seen) == 1 and seen[0].retune and isinstance(seen[0], common.RunConfig)
