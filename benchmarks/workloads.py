@@ -53,6 +53,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -310,7 +311,14 @@ def main(argv=None) -> dict:
   result["machine"] = {
     k: machine[k] for k in ("backend", "devices", "jax_version", "cpu_count", "load_average")
   }
-  C.write_json(args.out / "workloads.json", result)
+  for rec in result["workloads"].values():
+    rec["mode"] = mode
+  path = args.out / "workloads.json"
+  if args.only and path.is_file():
+    # a run of some workloads keeps the others' results (each says its mode)
+    previous = json.loads(path.read_text()).get("workloads", {})
+    result["workloads"] = {**previous, **result["workloads"]}
+  C.write_json(path, result)
   print(C.format_result(result), flush=True)
   return result
 

@@ -15,6 +15,8 @@ from teleport_jax._src.activations import relu
 from teleport_jax._src.activations import tanh
 from teleport_jax._src.backends import Lie
 from teleport_jax._src.backends import Solver
+from teleport_jax._src.balanced import BalancedState
+from teleport_jax._src.balanced import balanced
 from teleport_jax._src.balancing import Balance
 from teleport_jax._src.balancing import LineSearch
 from teleport_jax._src.data_gl import DataDependentGL
@@ -79,6 +81,7 @@ __version__ = "0.1.0"
 __all__ = (
   "Activation",
   "Balance",
+  "BalancedState",
   "Discovered",
   "LevelSet",
   "NullSpace",
@@ -121,6 +124,7 @@ __all__ = (
   "as_schedule",
   "asinh",
   "at_steps",
+  "balanced",
   "booth",
   "booth_symmetry",
   "default_get_inputs",

@@ -117,9 +117,7 @@ def test_balancing_a_cnn_balances_the_channels_a_flatten_spreads_over_dense_rows
   x, y = models.example_batch(m)
   loss = lambda p, d: models.classification_loss(m)(p, d)  # noqa: E731
   sym = tj.find_symmetries(m.apply, m.params, x)
-  assert any(
-    s.reshape is not None for part in sym.parts for s in part.site.slots
-  )
+  assert any(s.reshape is not None for part in sym.parts for s in part.site.slots)
   new, info = tj.teleport(
     loss, m.params, (x, y), symmetry=sym, solver=tj.Balance(target=target), num_steps=3
   )
@@ -127,3 +125,103 @@ def test_balancing_a_cnn_balances_the_channels_a_flatten_spreads_over_dense_rows
   assert float(info.objective_after) < float(info.objective_before)
   assert float(info.rel_loss_drift) <= 1e-10
   np.testing.assert_allclose(m.apply(new, x), m.apply(m.params, x), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------- tj.balanced: every-step balancing
+
+
+def _mlp_problem(seed, widths, dtype):
+  params = random_mlp(jax.random.key(seed), widths, dtype, fmt="pairs", scale=1.5)
+  x = jax.random.normal(jax.random.key(seed + 1), (widths[0], 9), dtype)
+  y = jax.random.normal(jax.random.key(seed + 2), (widths[-1], 9), dtype)
+  loss = lambda p: 0.5 * jnp.mean((mlp_apply(p, x, LEAKY, "pairs") - y) ** 2)  # noqa: E731
+  return params, loss, x
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("seed,widths", [(0, (4, 6, 5, 2)), (7, (3, 8, 8, 8, 1))])
+def test_norm_balancing_keeps_the_function_and_balances_every_hidden_neuron(seed, widths, dtype):
+  import optax
+
+  params, loss, x = _mlp_problem(seed, widths, dtype)
+  opt = tj.balanced(optax.sgd(0.0), tj.PositiveRescaling())  # lr 0: the balancing alone
+  step = jax.jit(opt.update)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  state, new, norms = opt.init(params), params, []
+  for _ in range(30):  # one sweep per step: coupled neighbours converge over steps (ENorm)
+    u, state = step(zeros, state, new)
+    new = optax.apply_updates(new, u)
+    norms.append(sum(float(jnp.sum(a.astype(jnp.float64) ** 2)) for a in jax.tree.leaves(new)))
+  sq = sum(float(jnp.sum(a.astype(jnp.float64) ** 2)) for a in jax.tree.leaves(params))
+  assert norms[0] < sq and norms[-1] <= norms[0] * (1 + 1e-6)
+  rtol = tj.default_rtol(dtype) * 100
+  np.testing.assert_allclose(
+    mlp_apply(new, x, LEAKY, "pairs"), mlp_apply(params, x, LEAKY, "pairs"), rtol=rtol, atol=rtol
+  )
+  for (w, b), (w_next, _) in zip(new[:-1], new[1:]):
+    np.testing.assert_allclose(jnp.sum(w**2, 1) + b**2, jnp.sum(w_next**2, 0), rtol=1e-2)
+  assert int(state.num_balanced) == 30 and int(state.num_rejected) == 0
+  assert all(a.dtype == dtype for a in jax.tree.leaves(u))
+
+
+def test_gradient_balancing_steps_from_the_balanced_point_with_its_exact_gradient():
+  import optax
+
+  params, loss, _ = _mlp_problem(3, (4, 6, 5, 2), jnp.float64)
+  lr = 0.05
+  opt = tj.balanced(optax.sgd(lr), tj.PositiveRescaling(), "grad")
+  u, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
+  # the balanced point: the same element the closed form gives at params
+  g = tj.Balance(target="grad").element(tj.PositiveRescaling(), params, jax.grad(loss)(params))
+  w = tj.group_action(params, g, symmetry=tj.PositiveRescaling())
+  expected = optax.apply_updates(w, jax.tree.map(lambda d: -lr * d, jax.grad(loss)(w)))
+  got = optax.apply_updates(params, u)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  gn = lambda p: sum(float(jnp.sum(d**2)) for d in jax.tree.leaves(jax.grad(loss)(p)))  # noqa: E731
+  assert gn(w) < gn(params)
+  assert abs(float(loss(w)) - float(loss(params))) <= 1e-12 * float(loss(params))
+
+
+def test_balancing_every_k_steps_balances_only_at_multiples_of_k_and_moves_adam_state():
+  import optax
+
+  params, loss, _ = _mlp_problem(5, (4, 6, 5, 2), jnp.float32)
+  opt = tj.balanced(optax.adam(1e-2), tj.PositiveRescaling(), "norm", every=3)
+  state = opt.init(params)
+  step = jax.jit(lambda p, s: opt.update(jax.grad(loss)(p), s, p))
+  seen = []
+  for _ in range(7):
+    u, state = step(params, state)
+    params = optax.apply_updates(params, u)
+    seen.append(int(state.num_balanced))
+  assert seen == [1, 1, 1, 2, 2, 2, 3]
+  assert all(np.isfinite(a).all() for a in jax.tree.leaves((params, state)))
+
+
+def test_a_non_finite_balancing_is_refused_and_the_step_is_the_optimizers():
+  import optax
+
+  params, loss, _ = _mlp_problem(2, (4, 6, 5, 2), jnp.float32)
+  grads = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), params)
+  opt = tj.balanced(optax.sgd(0.1), tj.PositiveRescaling(), "grad")
+  u, state = opt.update(grads, opt.init(params), params)
+  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+  assert int(state.num_rejected) == 1 and int(state.num_balanced) == 0
+  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+
+
+def test_balanced_refuses_data_dependent_groups_and_wrong_types():
+  import optax
+
+  with pytest.raises(ValueError, match="data-free"):
+    tj.balanced(optax.sgd(0.1), tj.DataDependentGL(activation=LEAKY))
+  with pytest.raises(TypeError, match="optimizer"):
+    tj.balanced("adam", tj.PositiveRescaling())
+  with pytest.raises(TypeError, match="symmetry"):
+    tj.balanced(optax.sgd(0.1), "rescaling")
+  with pytest.raises(ValueError, match="every"):
+    tj.balanced(optax.sgd(0.1), tj.PositiveRescaling(), every=0)
+  with pytest.raises(ValueError, match="target"):
+    tj.balanced(optax.sgd(0.1), tj.PositiveRescaling(), "weights")

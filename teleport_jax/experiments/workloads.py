@@ -33,18 +33,22 @@ Protocol:
   random with replacement (windows of the text, as nanoGPT does), inside the
   compiled loop.
 * Methods. Baselines: ``adamw`` (b1 0.9, b2 0.99); ``sgd_nesterov`` (momentum
-  0.9, L2 weight decay); ``norm_balance``: AdamW with closed-form norm
-  balancing (:class:`teleport_jax.Balance`) after every step, the ENorm idea;
+  0.9, L2 weight decay); ``norm_balance``: AdamW followed by closed-form norm
+  balancing after every step (:func:`teleport_jax.balanced`, the ENorm idea:
+  O(parameters), no loss evaluation, Adam's moments transported);
   ``per_layer_lr``: AdamW whose step is multiplied per layer by ``r ** (d -
   1/2)``, ``d`` in ``[0, 1]`` the layer's position in the parameter tree's
-  order (one extra tuned factor ``r``). Teleports (all wrap AdamW with
-  ``state_policy="transport"``, so Adam's moments move with the parameters):
-  ``tp_gradbalance``: closed-form gradient balancing
-  (``Balance(target="grad", max_log_scale=1)``) every 50 steps;
-  ``tp_lookahead``: the default optimizer-aware objective
-  (:func:`teleport_jax.optimizer_lookahead`, 5 AdamW steps from the
-  transported state) maximised by :class:`teleport_jax.LineSearch` (5 steps)
-  every 250 steps from step 20, with the default stability constraint.
+  order (one extra tuned factor ``r``). Teleports (all wrap AdamW and move
+  Adam's moments with the parameters): ``tp_gradbalance``: every step, AdamW
+  steps from the gradient-balanced point (:func:`teleport_jax.balanced` with
+  ``target="grad"``: closed form, the gradient there is the transported one);
+  ``tp_gradbalance_50``: the same move through :func:`teleport_jax.with_teleport`
+  (``Balance(target="grad", max_log_scale=1)``, one sweep, every move checked
+  on the batch) every 50 steps from step 10; ``tp_lookahead``: the default
+  optimizer-aware objective (:func:`teleport_jax.optimizer_lookahead`, 5
+  AdamW steps from the transported state) maximised by
+  :class:`teleport_jax.LineSearch` (5 steps) every 250 steps from step 20,
+  with the default stability constraint.
 * Tuning: ``trials`` random draws (log-uniform) of the method's
   hyper-parameters per method and workload, each trained on its own tuning
   seed (1000 + trial: initialisation and minibatches); the draw with the
@@ -90,7 +94,7 @@ TUNING_SEED = 1000
 
 # steps and evaluation interval per workload family; trials and seeds per mode
 SIZES = {
-  "full": dict(digits=(2000, 50), text=(2000, 100), trials=8, seeds=3, scale=1.0, val_windows=96),
+  "full": dict(digits=(1000, 25), text=(2000, 100), trials=8, seeds=3, scale=1.0, val_windows=96),
   "quick": dict(digits=(600, 25), text=(300, 25), trials=4, seeds=2, scale=1.0, val_windows=48),
   "smoke": dict(digits=(30, 10), text=(20, 10), trials=2, seeds=1, scale=0.25, val_windows=8),
 }
@@ -368,10 +372,8 @@ METHODS = {
       "norm_balance",
       "baseline",
       _ADAM_SPACE,
-      lambda hp, lr, wl: _tp(
-        hp, lr, wl, schedule=tj.every(1), solver_backend=tj.Balance("norm"), stability=False
-      ),
-      "AdamW + closed-form norm balancing after every step",
+      lambda hp, lr, wl: tj.balanced(_adamw(hp, lr), wl.symmetry, "norm"),
+      "AdamW + closed-form norm balancing after every step (tj.balanced, ENorm)",
     ),
     Method(
       "per_layer_lr",
@@ -384,14 +386,23 @@ METHODS = {
       "tp_gradbalance",
       "teleport",
       _ADAM_SPACE,
+      lambda hp, lr, wl: tj.balanced(_adamw(hp, lr), wl.symmetry, "grad"),
+      "AdamW from the gradient-balanced point at every step (tj.balanced, closed form)",
+    ),
+    Method(
+      "tp_gradbalance_50",
+      "teleport",
+      _ADAM_SPACE,
       lambda hp, lr, wl: _tp(
         hp,
         lr,
         wl,
         schedule=tj.every(50, start=10),
         solver_backend=tj.Balance("grad", max_log_scale=1.0),
+        num_steps=1,
+        stability=False,
       ),
-      "AdamW + closed-form gradient balancing every 50 steps (|log s| <= 1)",
+      "AdamW + checked gradient balancing (with_teleport, |log s| <= 1) every 50 steps",
     ),
     Method(
       "tp_lookahead",
@@ -468,7 +479,7 @@ class Trainer:
         k, sub = jax.random.split(k)
         x, y = wl.sample(train, sub)
         value, g = jax.value_and_grad(loss)(p, x, y)
-        u, s = opt.update(g, s, p, value_fn=loss, x=x, y=y)
+        u, s = opt.update(g, s, p, value=value, value_fn=loss, x=x, y=y)
         return (optax.apply_updates(p, u), s, k), value
 
       (params, state, key), values = jax.lax.scan(
@@ -494,7 +505,7 @@ class Trainer:
   def run(self, hp: dict, seed: int) -> dict:
     """Trains one run; returns its validation curve, times and teleport counts."""
     wl = self.wl
-    hp = {k: jnp.float32(v) for k, v in hp.items()}
+    hp = {k: jnp.float32(hp[k]) for k in self.method.space}
     params = wl.init(seed)
     state = self._init(params, hp)
     key = jax.random.key(seed)
@@ -518,6 +529,18 @@ class Trainer:
         teleports=int(state.num_teleports),
         rejected=int(state.num_rejected),
         max_rel_loss_drift=float(state.max_rel_loss_drift),
+      )
+    elif isinstance(state, tj.BalancedState):
+      # tj.balanced evaluates no loss: check its action's exactness here, once, with a
+      # norm-balancing move of the final parameters on the validation set
+      moved = tj.group_action(
+        params, tj.Balance("norm").element(wl.symmetry, params), symmetry=wl.symmetry
+      )
+      before, after = val[-1], float(self._eval(moved, wl.val))
+      out.update(
+        teleports=int(state.num_balanced),
+        rejected=int(state.num_rejected),
+        max_rel_loss_drift=abs(after - before) / abs(before),
       )
     return out
 
