@@ -240,3 +240,52 @@ def test_adam_lookahead_teleports_when_some_coordinates_have_zero_gradient():
   _, state, losses, _ = train(opt, params, (x, y), 4)
   assert np.all(np.isfinite(losses))
   assert int(state.num_teleports) == 2, tj.status_message(state.info)
+
+
+@pytest.mark.parametrize("backend", ["linesearch", "gradbalance"])
+def test_teleport_on_a_sub_batch_is_exact_on_the_whole_batch(backend):
+  import functools
+
+  from conftest import random_mlp
+
+  params = random_mlp(jax.random.key(4), (5, 8, 8, 3), jnp.float64, fmt="out_in")
+  x = jax.random.normal(jax.random.key(5), (5, 32), jnp.float64)
+  y = jax.random.normal(jax.random.key(6), (3, 32), jnp.float64)
+
+  def loss(p, x, y):  # examples on the leading axis, as teleport_batch reads them
+    return 0.5 * jnp.mean((y.T - mlp_apply(p, x.T, ACT, "out_in")) ** 2)
+
+  lr = 0.05
+  opt = tj.with_teleport(
+    optax.sgd(lr),
+    tj.PositiveRescaling(),
+    [0],
+    solver_backend=backend,
+    objective=tj.lookahead_loss(0.5, 2) if backend == "linesearch" else None,
+    num_steps=4,
+    teleport_batch=8,
+  )
+  xs, ys = x.T, y.T
+  g = jax.grad(loss)(params, xs, ys)
+  update = jax.jit(functools.partial(opt.update, value_fn=loss))
+  u, state = update(g, opt.init(params), params, x=xs, y=ys)
+  assert int(state.num_teleports) == 1
+  stepped = optax.apply_updates(params, u)
+  # undo the SGD step: w' = stepped + lr * grad L_full(w'), solved by fixed point from stepped
+  w = stepped
+  for _ in range(50):
+    w = jax.tree.map(lambda s, d: s + lr * d, stepped, jax.grad(loss)(w, xs, ys))
+  assert abs(float(loss(w, xs, ys)) / float(loss(params, xs, ys)) - 1) <= 1e-10
+  assert any(float(jnp.max(jnp.abs(a - b))) > 1e-6 for a, b in zip(w, params))
+  np.testing.assert_allclose(
+    mlp_apply(w, x, ACT, "out_in"), mlp_apply(params, x, ACT, "out_in"), rtol=1e-9, atol=1e-12
+  )
+
+
+def test_teleport_batch_is_refused_where_a_sub_batch_would_not_be_exact():
+  with pytest.raises(ValueError, match="data-free symmetry"):
+    tj.with_teleport(optax.sgd(0.1), SYM, [0], teleport_batch=4)
+  with pytest.raises(ValueError, match="data-free symmetry"):
+    tj.with_teleport(optax.sgd(0.1), None, [0], solver_backend="nullspace", teleport_batch=4)
+  with pytest.raises(ValueError, match="positive int"):
+    tj.with_teleport(optax.sgd(0.1), tj.PositiveRescaling(), [0], teleport_batch=0)

@@ -138,6 +138,7 @@ def with_teleport(
   state_policy: StatePolicy = "keep",
   grad_rtol: float = 1e-3,
   verify: str = "auto",
+  teleport_batch: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it teleports on a schedule.
 
@@ -213,6 +214,15 @@ def with_teleport(
       for data-dependent ones (whose exactness depends on the batch).
       Passing ``value=`` (the loss at ``params``, optax's convention) to
       ``update`` saves one more forward pass.
+    teleport_batch: teleport on the first ``teleport_batch`` examples of the
+      batch (the leading axis of every batch array) instead of all of it: the
+      search, its objective and its loss check then cost that fraction. Only
+      for a data-free symmetry with a back-end that moves along the group
+      (``"lie"``, ``"normbalance"``, ``"gradbalance"``, ``"linesearch"``):
+      their moves keep the network function on every input, so a teleport
+      found on part of the batch is exact on all of it, and the optimizer's
+      step uses the whole batch's gradient, transported to the new point.
+      ``None`` (default): the whole batch.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -274,9 +284,24 @@ def with_teleport(
     raise ValueError(f"verify must be 'auto', 'always' or 'first', got {verify!r}.")
   if verify == "auto":
     verify = "always" if symmetry is None or symmetry.needs_data else "first"
+  if teleport_batch is not None:
+    if (
+      not isinstance(teleport_batch, int) or isinstance(teleport_batch, bool) or teleport_batch < 1
+    ):
+      raise ValueError(f"teleport_batch must be a positive int or None, got {teleport_batch!r}.")
+    if symmetry is None or symmetry.needs_data or not cfg.solver.tracks_element:
+      raise ValueError(
+        "teleport_batch needs a data-free symmetry and a back-end that moves along the group "
+        "(a teleport found on part of the batch is exact on the rest only then); got "
+        f"symmetry {type(symmetry).__name__} and back-end {type(cfg.solver).__name__}."
+      )
   optimizer = optax.with_extra_args_support(optimizer)
   lean = verify == "first" and symmetry is not None and not symmetry.needs_data
-  track = state_policy == "transport" or (lean and cfg.solver.tracks_element)
+  track = (
+    state_policy == "transport"
+    or (lean and cfg.solver.tracks_element)
+    or teleport_batch is not None
+  )
 
   def init_fn(params):
     # No leaves: optax.tree_map_params's placeholder (only the structure counts).
@@ -343,18 +368,31 @@ def with_teleport(
         loss0, g0, transformed = jax.lax.cond(verified, trusted, full, None)
       else:
         loss0, g0, transformed = full(None)
-      new_params, info, grads, g = solver.run(
-        loss_fn,
-        params,
-        data,
-        sym,
-        cfg,
-        context,
-        track_element=track,
-        value_and_grad0=(loss0, g0),
-        skip_check=verified,
-        transport_gradient=lean,
-      )
+      if teleport_batch is None:
+        new_params, info, grads, g = solver.run(
+          loss_fn,
+          params,
+          data,
+          sym,
+          cfg,
+          context,
+          track_element=track,
+          value_and_grad0=(loss0, g0),
+          skip_check=verified,
+          transport_gradient=lean,
+        )
+      else:
+        part = _first_examples(data, teleport_batch)
+        sub_context = obj_lib.ObjectiveContext(
+          optimizer, state_at, dict(value_fn=value_fn, **{**extra_args, **part})
+        )
+        new_params, info, _, g = solver.run(
+          loss_fn, params, part, sym, cfg, sub_context, track_element=True, skip_check=verified
+        )
+        # the whole batch's gradient at the new point: the incoming one, transported
+        grads = state_transport.transport_cotangent(
+          g0, up, solver._upcast(new_params), g, symmetry=sym
+        )
       ok = info.accepted & ~transformed
       info = info._replace(
         accepted=ok,
@@ -414,6 +452,16 @@ def with_teleport(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _first_examples(data: dict, n: int) -> dict:
+  """Every batch array cut to its first ``n`` examples (leading axis); scalars kept."""
+
+  def cut(x):
+    x = jnp.asarray(x)
+    return x[:n] if x.ndim >= 1 else x
+
+  return jax.tree.map(cut, data)
 
 
 def _shard_like(tree: chex.ArrayTree, like: chex.ArrayTree) -> chex.ArrayTree:
