@@ -222,6 +222,7 @@ def with_teleport(
       their moves keep the network function on every input, so a teleport
       found on part of the batch is exact on all of it, and the optimizer's
       step uses the whole batch's gradient, transported to the new point.
+      The losses in ``TeleportInfo`` are then those of the teleport batch.
       ``None`` (default): the whole batch.
 
   Returns:

@@ -592,7 +592,12 @@ def load_tuned() -> dict:
 
 
 def save_tuned(tuned: dict) -> None:
-  TUNED_PATH.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
+  """Writes ``tuned`` over the stored values, keeping workloads it does not hold."""
+  merged = load_tuned()
+  for mode, per_mode in tuned.items():
+    for name, per_workload in per_mode.items():
+      merged.setdefault(mode, {}).setdefault(name, {}).update(per_workload)
+  TUNED_PATH.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 def run_workload(
