@@ -289,3 +289,35 @@ def test_teleport_batch_is_refused_where_a_sub_batch_would_not_be_exact():
     tj.with_teleport(optax.sgd(0.1), None, [0], solver_backend="nullspace", teleport_batch=4)
   with pytest.raises(ValueError, match="positive int"):
     tj.with_teleport(optax.sgd(0.1), tj.PositiveRescaling(), [0], teleport_batch=0)
+
+
+def test_a_python_bool_decides_the_teleport_statically_without_a_conditional():
+  params, data = published_problem(2)
+  lr = 1e-4
+  opt = tj.with_teleport(
+    optax.sgd(lr), SYM, schedule=[0], num_steps=3, objective=tj.lookahead_loss(lr, 2)
+  )
+  state = opt.init(params)
+  grads = jax.grad(value_fn)(params, *data)
+
+  def update(teleport, state):
+    return opt.update(
+      grads, state, params, value_fn=value_fn, x=data[0], y=data[1], teleport=teleport
+    )
+
+  # a step that does not teleport holds no conditional (and no teleport) at all
+  assert " cond[" not in str(jax.make_jaxpr(lambda s: update(False, s))(state))
+  assert " cond[" in str(jax.make_jaxpr(lambda s: update(None, s))(state))
+  # False at a step the schedule would teleport: exactly the inner optimizer's step
+  u, s = update(False, state)
+  assert int(s.count) == 1 and int(s.num_teleports) == 0
+  for a, g in zip(u, grads):
+    np.testing.assert_array_equal(a, -lr * g)
+  # True where the schedule would not: the same teleport as the schedule's at step 0
+  u_sched, _ = opt.update(grads, state, params, value_fn=value_fn, x=data[0], y=data[1])
+  u_true, s = update(True, state._replace(count=jnp.asarray(5, jnp.int32)))
+  assert int(s.num_teleports) == 1 and int(s.count) == 6
+  for a, b in zip(u_true, u_sched):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  with pytest.raises(TypeError, match="Python bool"):
+    update(jnp.asarray(True), state)

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental import shard_alike
 
@@ -157,6 +158,14 @@ def with_teleport(
   (the gradient is re-evaluated there). A rejected teleport keeps ``w' = w``
   and uses the incoming updates. At every other step it is exactly
   ``optimizer``.
+
+  ``update(..., teleport=True | False)`` (a Python bool) decides in Python
+  instead of the schedule: the program then holds one branch only, no
+  conditional, so a step that does not teleport compiles to the wrapped
+  optimizer's step plus the state's bookkeeping. For Python training loops
+  with small models, where the conditional's cost shows: jit the step with
+  ``static_argnames`` for it and pass ``teleport=bool(schedule(count))``. The
+  schedule in the state is then not read; the count still advances.
 
   **Safe defaults.** The default objective simulates the wrapped optimizer
   (:func:`teleport_jax.optimizer_lookahead`, 5 steps from its state), so the
@@ -327,6 +336,12 @@ def with_teleport(
         "following optax's convention for transformations that need the loss."
       )
     _check_chain_position()
+    teleport = extra_args.pop("teleport", None)
+    if teleport is not None and not isinstance(teleport, (bool, np.bool_)):
+      raise TypeError(
+        "teleport must be None (the schedule decides) or a Python bool (static: use "
+        f"jax.jit(..., static_argnames=...) for it), got {type(teleport).__name__}."
+      )
     value = extra_args.pop("value", None)  # optax's convention: the loss at params
     extra_args.pop("grad", None)
     data = _accepted_kwargs(value_fn, extra_args)
@@ -432,8 +447,12 @@ def with_teleport(
       )
       return optax.tree.cast_like(inner_updates, updates), inner_state, state.info
 
-    do = state.schedule(state.count)
-    out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
+    if teleport is None:  # the schedule decides, inside the program
+      do = state.schedule(state.count)
+      out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
+    else:  # decided in Python: one branch only, no conditional in the program
+      do = jnp.asarray(bool(teleport))
+      out, inner_state, info = (teleport_branch if teleport else skip_branch)(None)
     out = _shard_like(out, updates)
     inner_state = _shard_like(inner_state, state.inner_state)
     accepted = do & info.accepted
