@@ -109,6 +109,9 @@ def test_the_target_is_the_best_baselines_median_final_loss():
   assert rec["methods"]["sgd_nesterov"]["nonfinite"] and not tp["nonfinite"]
   assert tp["time_ratio"] == pytest.approx(2 / 2)
   json.dumps(rec)  # the record is plain JSON
+  table = W.markdown_table({"toy": rec}).splitlines()
+  assert len(table) == 2 + 3 and "`sgd_nesterov` (target)" in table[3]
+  assert "| 2 of 3 | 2.00 s | 1.00 | 20 |" in table[4]
 
 
 @pytest.fixture(scope="module")

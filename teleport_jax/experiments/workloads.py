@@ -789,8 +789,8 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
     )
     if config.out_dir is not None:
       plot(name, records[name], Path(config.out_dir))
-  if json.dumps(tuned, sort_keys=True) != before:
-    save_tuned(tuned)
+    if json.dumps(tuned, sort_keys=True) != before:  # kept if a later workload fails
+      save_tuned(tuned)
   size = SIZES[mode]
   best = {}
   for name, rec in records.items():
@@ -818,3 +818,29 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
     ],
     targets={f"best teleport time ratio {n}": v for n, v in best.items()},
   )
+
+
+def markdown_table(records: dict) -> str:
+  """The README's table: per workload and method, medians over the evaluation seeds."""
+
+  def g(x, fmt="{:.3g}"):
+    return "–" if x is None else fmt.format(x)
+
+  lines = [
+    "| workload (target) | method | final val. loss | reached | time to target | ratio "
+    "| steps to target | teleport cost (AdamW steps) |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, rec in records.items():
+    for m, r in rec["methods"].items():
+      finals = [f for f in r["final_val_loss"] if f is not None]
+      reached = sum(t is not None for t in r["time_to_target_s"])
+      star = " (target)" if m == rec["baseline"] else ""
+      lines.append(
+        f"| {name} ({rec['target_val_loss']:.4g}) | `{m}`{star} "
+        f"| {g(statistics.median(finals) if finals else None, '{:.4g}')} "
+        f"| {reached} of {len(r['time_to_target_s'])} "
+        f"| {g(_median(r['time_to_target_s']), '{:.2f} s')} | {g(r['time_ratio'], '{:.2f}')} "
+        f"| {g(_median(r['steps_to_target']), '{:.0f}')} | {g(r['teleport_cost_grad_steps'])} |"
+      )
+  return "\n".join(lines)
