@@ -111,7 +111,8 @@ def test_the_target_is_the_best_baselines_median_final_loss():
   json.dumps(rec)  # the record is plain JSON
   table = W.markdown_table({"toy": rec}).splitlines()
   assert len(table) == 2 + 3 and "`sgd_nesterov` (target)" in table[3]
-  assert "| 2 of 3 | 2.00 s | 1.00 | 20 |" in table[4]
+  assert "| 2 of 3 | 2.00 s | 1.00 | 1.00 | 20 |" in table[4]
+  assert rec["fastest_baseline"] == "sgd_nesterov"
 
 
 @pytest.fixture(scope="module")
