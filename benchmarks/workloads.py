@@ -236,17 +236,21 @@ def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None
     section = wl_lib.run(config, None, names=names)
     for name, rec in section["workloads"].items():
       workloads[name].update(rec)
-      ratios = [r["time_ratio"] for r in rec["methods"].values() if r["kind"] == "teleport"]
-      best = min((x for x in ratios if x is not None), default=None)
-      targets.append(
-        C.Target(
-          f"{name}: best teleport's median time to target / best tuned baseline's",
-          best if best is not None else float("inf"),
-          1.0,
-          "<=",
-          "x",
-        ).as_dict()
-      )
+      for key, what in (
+        ("time_ratio", "the best tuned baseline's (it set the target)"),
+        ("time_ratio_vs_fastest_baseline", "the fastest baseline's"),
+      ):
+        ratios = [r[key] for r in rec["methods"].values() if r["kind"] == "teleport"]
+        best = min((x for x in ratios if x is not None), default=None)
+        targets.append(
+          C.Target(
+            f"{name}: best teleport's median time to target / {what}",
+            best if best is not None else float("inf"),
+            1.0,
+            "<=",
+            "x",
+          ).as_dict()
+        )
     tables.append(
       {
         "title": "time to the best tuned baseline's final validation loss",
