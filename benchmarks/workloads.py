@@ -18,7 +18,9 @@ the optax update, ``apply_updates``) and the same step with the optimizer
 wrapped in ``tj.with_teleport(optimizer, symmetry, tj.every(10**6, start=1))``
 called at a step the schedule skips, in one process, and times them side by
 side (interleaved rounds, median per call, ``block_until_ready``). The ratio
-is ``skip_step_overhead`` (target: at most 1.05).
+is ``skip_step_overhead`` (target: at most 1.05). The same step compiled with
+``update(..., teleport=False)`` (decided in Python: no conditional in the
+program) gives ``static_skip_step_overhead``.
 
 Workloads (random inputs of the workloads' shapes; the cost does not depend on
 the values):
@@ -157,15 +159,19 @@ def overhead(name: str, scale: float, repeats: int) -> dict:
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s, value
 
-  def tele_step(p, s, x, y):
+  def tele_step(p, s, x, y, teleport=None):
     value, g = jax.value_and_grad(loss)(p, x, y)
-    u, s = tele.update(g, s, p, value_fn=loss, x=x, y=y)
+    u, s = tele.update(g, s, p, value_fn=loss, x=x, y=y, teleport=teleport)
     return optax.apply_updates(p, u), s, value
+
+  def static_step(p, s, x, y):  # decided in Python: no conditional in the program
+    return tele_step(p, s, x, y, teleport=False)
 
   s_plain, s_tele = opt.init(params), tele.init(params)  # count 0: not scheduled
   assert not bool(s_tele.schedule(s_tele.count))
   plain = C.compile_fn(plain_step, params, s_plain, x, y)
   telep = C.compile_fn(tele_step, params, s_tele, x, y)
+  static = C.compile_fn(static_step, params, s_tele, x, y)
   out_p, out_t = plain(params, s_plain, x, y), telep(params, s_tele, x, y)
   # the same update up to rounding (the two programs fuse differently)
   diff = max(
@@ -173,7 +179,11 @@ def overhead(name: str, scale: float, repeats: int) -> dict:
     for a, b in zip(jax.tree.leaves(out_p[0]), jax.tree.leaves(out_t[0]))
   )
   t = C.time_side_by_side(
-    {"plain": lambda: plain(params, s_plain, x, y), "skip": lambda: telep(params, s_tele, x, y)},
+    {
+      "plain": lambda: plain(params, s_plain, x, y),
+      "skip": lambda: telep(params, s_tele, x, y),
+      "static": lambda: static(params, s_tele, x, y),
+    },
     repeats=repeats,
   )
   n_params = sum(a.size for a in jax.tree.leaves(params))
@@ -185,6 +195,8 @@ def overhead(name: str, scale: float, repeats: int) -> dict:
     "plain_step_s": t["plain"].median,
     "skip_step_s": t["skip"].median,
     "skip_step_overhead": t["skip"].median / t["plain"].median,
+    "static_skip_step_s": t["static"].median,
+    "static_skip_step_overhead": t["static"].median / t["plain"].median,
     "update_rel_diff": diff,
     "compile_plain_s": plain.total_s,
     "compile_with_teleport_s": telep.total_s,
@@ -200,7 +212,8 @@ def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None
     records.append(r)
     print(
       f"  {name}: plain {r['plain_step_s'] * 1e3:.2f} ms, with_teleport (skipped) "
-      f"{r['skip_step_s'] * 1e3:.2f} ms, x{r['skip_step_overhead']:.3f}",
+      f"{r['skip_step_s'] * 1e3:.2f} ms, x{r['skip_step_overhead']:.3f}; teleport=False "
+      f"{r['static_skip_step_s'] * 1e3:.2f} ms, x{r['static_skip_step_overhead']:.3f}",
       flush=True,
     )
   rows = [
@@ -211,6 +224,8 @@ def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None
       "plain ms": r["plain_step_s"] * 1e3,
       "skipped teleport ms": r["skip_step_s"] * 1e3,
       "overhead": r["skip_step_overhead"],
+      "teleport=False ms": r["static_skip_step_s"] * 1e3,
+      "overhead teleport=False": r["static_skip_step_overhead"],
       "params rel diff": r["update_rel_diff"],
       "compile plain s": r["compile_plain_s"],
       "compile with_teleport s": r["compile_with_teleport_s"],
@@ -226,8 +241,23 @@ def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None
       "x",
     ).as_dict()
     for r in records
+  ] + [
+    C.Target(
+      f"{r['workload']}: the same step compiled with teleport=False / the plain step",
+      r["static_skip_step_overhead"],
+      TARGET,
+      "<=",
+      "x",
+    ).as_dict()
+    for r in records
   ]
-  workloads = {r["workload"]: {"skip_step_overhead": r["skip_step_overhead"]} for r in records}
+  workloads = {
+    r["workload"]: {
+      "skip_step_overhead": r["skip_step_overhead"],
+      "static_skip_step_overhead": r["static_skip_step_overhead"],
+    }
+    for r in records
+  }
   tables = []
   if train:
     config = common.RunConfig(
@@ -320,8 +350,10 @@ def main(argv=None) -> dict:
   path = args.out / "workloads.json"
   if args.only and path.is_file():
     # a run of some workloads keeps the others' results (each says its mode)
-    previous = json.loads(path.read_text()).get("workloads", {})
-    result["workloads"] = {**previous, **result["workloads"]}
+    merged = json.loads(path.read_text()).get("workloads", {})
+    for name, rec in result["workloads"].items():
+      merged[name] = {**merged.get(name, {}), **rec}
+    result["workloads"] = merged
   C.write_json(path, result)
   print(C.format_result(result), flush=True)
   return result
