@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import optax
 
 from teleport_jax._src import balancing
-from teleport_jax._src import objectives as obj_lib
 from teleport_jax._src import solver
 from teleport_jax._src import state_transport
 from teleport_jax._src import symmetry as sym_lib
@@ -127,8 +126,8 @@ def balanced(
     )
   if not isinstance(every, int) or isinstance(every, bool) or every < 1:
     raise ValueError(f"every must be a positive int, got {every!r}.")
+  # validates target, power and max_log_scale
   balance = balancing.Balance(target=target, power=power, max_log_scale=max_log_scale, eps=eps)
-  obj_lib.check_positive(power, "power")
   optimizer = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):

@@ -723,10 +723,6 @@ def num_units(config: common.RunConfig) -> int:
   return len(NAMES) * len(METHODS) * size["seeds"]
 
 
-def _fmt_median(xs) -> float | None:
-  return _median(xs)
-
-
 def table_rows(records: dict) -> list[dict]:
   """One row per workload and method: medians over the evaluation seeds."""
   rows = []
