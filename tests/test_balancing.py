@@ -225,3 +225,38 @@ def test_balanced_refuses_data_dependent_groups_and_wrong_types():
     tj.balanced(optax.sgd(0.1), tj.PositiveRescaling(), every=0)
   with pytest.raises(ValueError, match="target"):
     tj.balanced(optax.sgd(0.1), tj.PositiveRescaling(), "weights")
+
+
+def _lapack_operand_ranks(hlo: str) -> list[int]:
+  """Ranks of the first operand of every LAPACK custom call in StableHLO text."""
+  import re
+
+  ranks = []
+  for line in hlo.splitlines():
+    if "custom_call @lapack_" in line:
+      operand = re.search(r":\s*\(tensor<([^>]*)>", line).group(1)
+      ranks.append(len(operand.split("x")) - 1)
+  return ranks
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU runtime matter")
+def test_balancing_a_transformer_calls_lapack_one_matrix_at_a_time_on_a_cpu():
+  # jaxlib's batched CPU LAPACK kernels (before 0.11.1) wait on the thread pool they
+  # run on: two at once deadlock a two-core machine. Every call must be unbatched.
+  import optax
+
+  from teleport_jax import models
+
+  m = models.transformer(vocab=11, d_model=16, heads=2, layers=2, context=8, batch=2)
+  sym = tj.find_symmetries(m.apply, m.params, m.inputs)
+  loss = models.loss_for(m)
+  data = models.example_batch(m)
+  opt = tj.balanced(optax.adam(1e-3), sym, "norm")
+  g = jax.grad(loss)(m.params, data)
+  hlo = jax.jit(opt.update).lower(g, opt.init(m.params), m.params).as_text()
+  ranks = _lapack_operand_ranks(hlo)
+  assert ranks and set(ranks) == {2}
+  tele = tj.with_teleport(optax.adam(1e-3), sym, 1, state_policy="transport")
+  fn = functools.partial(tele.update, value_fn=lambda p, d: loss(p, d))
+  hlo = jax.jit(fn).lower(g, tele.init(m.params), m.params, d=data).as_text()
+  assert set(_lapack_operand_ranks(hlo)) <= {2}
