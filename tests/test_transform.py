@@ -321,3 +321,48 @@ def test_a_python_bool_decides_the_teleport_statically_without_a_conditional():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   with pytest.raises(TypeError, match="Python bool"):
     update(jnp.asarray(True), state)
+
+
+@pytest.mark.parametrize("backend", ["lie", "linesearch"])
+def test_warm_start_begins_the_next_search_at_the_previous_final_step_size(backend):
+  from conftest import random_mlp
+
+  params = random_mlp(jax.random.key(7), (5, 8, 8, 3), jnp.float64, fmt="out_in")
+  data = (
+    jax.random.normal(jax.random.key(8), (5, 16), jnp.float64),
+    jax.random.normal(jax.random.key(9), (3, 16), jnp.float64),
+  )
+  make = {"lie": tj.Lie, "linesearch": tj.LineSearch}[backend]
+  kw = dict(objective=tj.lookahead_loss(0.05, 2), num_steps=3, stability=False)
+  kw["solver_backend"] = make(step_size=0.05)
+  warm = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, warm_start=True, **kw)
+  cold = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, **kw)
+  step_w, step_c = make_step(warm), make_step(cold)
+  s_w, s_c = warm.init(params), cold.init(params)
+  # the first teleport starts at step_size either way
+  p_w, s_w, _ = step_w(params, s_w, *data)
+  p_c, s_c, _ = step_c(params, s_c, *data)
+  for a, b in zip(p_w, p_c):
+    np.testing.assert_array_equal(a, b)
+  prev = float(s_w.info.final_step_size)
+  assert int(s_w.num_teleports) == 1 and prev != 0.05
+  # the second starts where the first ended: as a cold search from that step size
+  max_step = kw["solver_backend"].max_step_size
+  kw["solver_backend"] = make(step_size=min(prev, max_step))
+  restart = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, **kw)
+  p2_w, s2_w, _ = step_w(p_w, s_w, *data)
+  p2_r, _, _ = make_step(restart)(p_w, s_w, *data)
+  p2_c, _, _ = step_c(p_w, s_w, *data)
+  for a, b in zip(p2_w, p2_r):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+  assert any(float(jnp.max(jnp.abs(a - b))) > 1e-9 for a, b in zip(p2_w, p2_c))
+  assert int(s2_w.num_teleports) == 2
+
+
+def test_warm_start_needs_a_back_end_with_a_step_size():
+  with pytest.raises(ValueError, match="no step size"):
+    tj.with_teleport(
+      optax.sgd(0.1), tj.PositiveRescaling(), 1, solver_backend="gradbalance", warm_start=True
+    )
+  with pytest.raises(TypeError, match="warm_start must be a bool"):
+    tj.with_teleport(optax.sgd(0.1), tj.PositiveRescaling(), 1, warm_start=1)

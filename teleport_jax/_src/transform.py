@@ -140,6 +140,7 @@ def with_teleport(
   grad_rtol: float = 1e-3,
   verify: str = "auto",
   teleport_batch: int | None = None,
+  warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it teleports on a schedule.
 
@@ -233,6 +234,15 @@ def with_teleport(
       step uses the whole batch's gradient, transported to the new point.
       The losses in ``TeleportInfo`` are then those of the teleport batch.
       ``None`` (default): the whole batch.
+    warm_start: start each teleport's search at the step size the previous
+      attempt ended with (its ``TeleportInfo.final_step_size``: the next step
+      its trust region would have tried), clipped to
+      ``[step_size / 8, max_step_size]``, instead of at ``step_size``. Teleports
+      a few hundred steps apart meet similar orbits, so the search skips the
+      growing (or shrinking) phase it went through last time and its
+      ``num_steps`` go further. For back-ends with a step size (``"lie"``,
+      ``"linesearch"``, ``"nullspace"``, ``"levelset"``); the first teleport
+      starts at ``step_size``.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -290,6 +300,13 @@ def with_teleport(
       f"the {type(cfg.solver).__name__} back-end has none. Use 'keep' or 'reset'."
     )
   grad_rtol = obj_lib.check_positive(grad_rtol, "grad_rtol")
+  if not isinstance(warm_start, bool):
+    raise TypeError(f"warm_start must be a bool, got {type(warm_start).__name__}.")
+  if warm_start and not (hasattr(cfg.solver, "step_size") and hasattr(cfg.solver, "max_step_size")):
+    raise ValueError(
+      f"warm_start restarts the search at the previous teleport's step size; the "
+      f"{type(cfg.solver).__name__} back-end has no step size (it is closed-form)."
+    )
   if verify not in ("auto", "always", "first"):
     raise ValueError(f"verify must be 'auto', 'always' or 'first', got {verify!r}.")
   if verify == "auto":
@@ -379,6 +396,15 @@ def with_teleport(
       g0 = optax.tree.cast_like(updates, up)
       return loss0.astype(loss_dtype), g0, jnp.asarray(False)
 
+    run_cfg = cfg
+    if warm_start:
+      base = jnp.asarray(cfg.solver.step_size, solver.compute_dtype(solver.params_dtype(params)))
+      prev = state.info.final_step_size.astype(base.dtype)
+      tried = (state.num_teleports + state.num_rejected) > 0
+      use = tried & jnp.isfinite(prev) & (prev > 0)
+      eta0 = jnp.where(use, jnp.clip(prev, base / 8, cfg.solver.max_step_size), base)
+      run_cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, step_size=eta0))
+
     def teleport_branch(_):
       if verify == "first":
         loss0, g0, transformed = jax.lax.cond(verified, trusted, full, None)
@@ -390,7 +416,7 @@ def with_teleport(
           params,
           data,
           sym,
-          cfg,
+          run_cfg,
           context,
           track_element=track,
           value_and_grad0=(loss0, g0),
@@ -403,7 +429,7 @@ def with_teleport(
           optimizer, state_at, dict(value_fn=value_fn, **{**extra_args, **part})
         )
         new_params, info, _, g = solver.run(
-          loss_fn, params, part, sym, cfg, sub_context, track_element=True, skip_check=verified
+          loss_fn, params, part, sym, run_cfg, sub_context, track_element=True, skip_check=verified
         )
         # the whole batch's gradient at the new point: the incoming one, transported
         grads = state_transport.transport_cotangent(
