@@ -71,6 +71,10 @@ from teleport_jax import models  # noqa: E402
 from teleport_jax.experiments import common  # noqa: E402
 from teleport_jax.experiments import workloads as wl_lib  # noqa: E402
 
+# XLA's own CPU dot kernels instead of YNNPACK's (faster for the transformers;
+# every method of a workload runs with the same setting). Set XLA_FLAGS to choose.
+common.prefer_xla_cpu_dots()
+
 SETTINGS = {
   "smoke": dict(repeats=2, scale=0.25),
   "quick": dict(repeats=5, scale=1.0),

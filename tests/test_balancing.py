@@ -91,6 +91,18 @@ def test_bounded_balancing_moves_at_most_max_log_scale():
     np.testing.assert_allclose(jnp.log(h), 0.5 * jnp.log(f), rtol=1e-10)
 
 
+@pytest.mark.parametrize("target", ["norm", "grad"])
+def test_bounded_gl_balancing_keeps_the_elements_eigenvalues_within_the_bound(target):
+  params, data, loss, sym = _problem("linear")
+  grads = jax.grad(loss)(params, data)
+  free = [np.linalg.eigvalsh(np.asarray(a)) for a in tj.Balance(target).element(sym, params, grads)]
+  assert max(float(np.max(np.abs(np.log(e)))) for e in free) > 0.1  # the bound binds
+  bounded = tj.Balance(target, max_log_scale=0.1).element(sym, params, grads)
+  for a in bounded:
+    np.testing.assert_allclose(a, a.T, atol=1e-12)
+    assert float(np.max(np.abs(np.log(np.linalg.eigvalsh(np.asarray(a)))))) <= 0.1 + 1e-9
+
+
 def test_line_search_improves_the_objective_with_one_gradient():
   params, data, loss, sym = _problem("relu")
   new, info = tj.teleport(
@@ -169,7 +181,7 @@ def test_gradient_balancing_steps_from_the_balanced_point_with_its_exact_gradien
 
   params, loss, _ = _mlp_problem(3, (4, 6, 5, 2), jnp.float64)
   lr = 0.05
-  opt = tj.balanced(optax.sgd(lr), tj.PositiveRescaling(), "grad")
+  opt = tj.balanced(optax.sgd(lr), tj.PositiveRescaling(), "grad", max_log_scale=None)
   u, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
   # the balanced point: the same element the closed form gives at params
   g = tj.Balance(target="grad").element(tj.PositiveRescaling(), params, jax.grad(loss)(params))
@@ -260,3 +272,21 @@ def test_balancing_a_transformer_calls_lapack_one_matrix_at_a_time_on_a_cpu():
   fn = functools.partial(tele.update, value_fn=lambda p, d: loss(p, d))
   hlo = jax.jit(fn).lower(g, tele.init(m.params), m.params, d=data).as_text()
   assert set(_lapack_operand_ranks(hlo)) <= {2}
+
+
+def test_gradient_balancing_is_bounded_by_default_and_norm_balancing_is_not():
+  import optax
+
+  params, loss, _ = _mlp_problem(3, (4, 6, 5, 2), jnp.float64)
+  sym, grads = tj.PositiveRescaling(), jax.grad(loss)(params)
+  for target, bound in (("grad", 0.5), ("norm", None)):
+    opt = tj.balanced(optax.sgd(0.0), sym, target)  # lr 0: the move alone
+    u, _ = opt.update(grads, opt.init(params), params)
+    g = tj.Balance(target, max_log_scale=bound).element(sym, params, grads)
+    expected = tj.group_action(params, g, symmetry=sym)
+    for a, b in zip(jax.tree.leaves(optax.apply_updates(params, u)), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  unbounded = tj.Balance("grad").element(sym, params, grads)
+  assert max(float(jnp.max(jnp.abs(jnp.log(s)))) for s in unbounded) > 0.5
+  with pytest.raises(ValueError, match="max_log_scale"):
+    tj.balanced(optax.sgd(0.1), sym, "grad", max_log_scale="wide")

@@ -49,7 +49,7 @@ def balanced(
   *,
   every: int = 1,
   power: float = 1.0,
-  max_log_scale: float | None = None,
+  max_log_scale: float | None | str = "auto",
   eps: float = 1e-6,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it balances the parameters in closed form.
@@ -90,7 +90,14 @@ def balanced(
     target: ``"norm"`` or ``"grad"``.
     every: balance at steps ``0, every, 2 * every, ...``.
     power: fraction of the way to the balanced point, in ``(0, 1]``.
-    max_log_scale: bound on ``|log s|`` per channel and balancing (``None``: unbounded).
+    max_log_scale: bound on ``|log s|`` per channel and balancing (a GL
+      pair's eigenvalues likewise); ``None``: unbounded. ``"auto"`` (default):
+      unbounded for ``"norm"``, ``0.5`` for ``"grad"``. Unbounded gradient
+      balancing at every step sends a transformer's loss to ``nan`` within
+      50 steps: early in training some channels' gradients are near zero, the
+      closed form scales them by orders of magnitude, and the optimizer's next
+      step from there is no longer small. Bounded, repeated balancings still
+      approach the balanced point.
     eps: relative regulariser of the per-channel sums and Gram matrices.
 
   Returns:
@@ -126,6 +133,10 @@ def balanced(
     )
   if not isinstance(every, int) or isinstance(every, bool) or every < 1:
     raise ValueError(f"every must be a positive int, got {every!r}.")
+  if isinstance(max_log_scale, str):
+    if max_log_scale != "auto":
+      raise ValueError(f"max_log_scale must be 'auto', None or a number, got {max_log_scale!r}.")
+    max_log_scale = 0.5 if target == "grad" else None
   # validates target, power and max_log_scale
   balance = balancing.Balance(target=target, power=power, max_log_scale=max_log_scale, eps=eps)
   optimizer = optax.with_extra_args_support(optimizer)

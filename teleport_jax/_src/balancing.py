@@ -99,7 +99,9 @@ class Balance(backends.Solver):
   Attributes:
     target: ``"norm"`` (squared weight norms) or ``"grad"`` (squared gradient norm).
     power: fraction of the way to the balanced point, in ``(0, 1]``.
-    max_log_scale: bound on ``|log s|`` per channel (``None``: unbounded).
+    max_log_scale: bound on ``|log s|`` per channel, and on the logarithms of
+      a GL pair's (symmetric positive definite) element's eigenvalues
+      (``None``: unbounded).
     eps: relative regulariser of the per-channel sums and the GL Gram matrices.
   """
 
@@ -191,7 +193,7 @@ class Balance(backends.Solver):
       m = _geometric_mean_inv(p, q, self.eps)
     else:  # min tr(P M^-1) + tr(Q M): M = Q^-1 # P
       m = _geometric_mean_inv(q, p, self.eps)
-    a = _spd_power(m, 0.5 * self.power, self.eps)
+    a = _spd_power(m, 0.5 * self.power, self.eps, self.max_log_scale)
     return a if heads else a[0]
 
   def propose(self, problem, w, state, aux):
@@ -231,10 +233,13 @@ def _sym_eig(m, eps):
   return evals, evecs
 
 
-def _spd_power(m, power, eps):
+def _spd_power(m, power, eps, max_log=None):
+  """``m ** power`` of SPD ``m``; with ``max_log``, eigenvalues clipped to ``exp(+-max_log)``."""
   evals, evecs = _sym_eig(m, eps)
-  evals = jnp.maximum(evals, jnp.finfo(m.dtype).tiny)
-  return (evecs * evals[..., None, :] ** power) @ jnp.swapaxes(evecs, -1, -2)
+  log_e = power * jnp.log(jnp.maximum(evals, jnp.finfo(m.dtype).tiny))
+  if max_log is not None:
+    log_e = jnp.clip(log_e, -max_log, max_log)
+  return (evecs * jnp.exp(log_e)[..., None, :]) @ jnp.swapaxes(evecs, -1, -2)
 
 
 def _geometric_mean_inv(p, q, eps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,22 @@ RTOL_FLOAT32 = tj.default_rtol(jnp.float32)
 # (or two thread counts) take the same accept/reject decisions. Passed explicitly so
 # that the figures do not change with the library's default.
 IMPROVE_RTOL_FLOAT32 = 1e-4
+
+
+XLA_CPU_DOTS = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+
+
+def prefer_xla_cpu_dots() -> None:
+  """Asks XLA for its own CPU dot kernels instead of YNNPACK's (unless ``XLA_FLAGS`` chooses).
+
+  On the 2-core development machine a character-transformer training step
+  takes 28.8 ms with XLA's kernels and 47.6 ms with YNNPACK's (jaxlib 0.10.2);
+  the digits workloads do not change measurably. Takes effect only before JAX
+  creates its CPU backend (the first computation).
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_DOTS}".strip()
 
 
 @dataclasses.dataclass(frozen=True)

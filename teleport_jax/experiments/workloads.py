@@ -62,6 +62,9 @@ Protocol:
   (``block_until_ready``). Time to target: the training time up to the first
   evaluation at or below the target (resolution ``eval_every`` steps), ``None``
   if never reached.
+* Sizes (``SIZES``): ``full``: 1,000 steps on the digits and 2,000 on the
+  text, 8 trials, 3 evaluation seeds; ``quick``: 600 steps on either, 4
+  trials, 3 seeds; ``smoke`` (tests): quarter-size models, a few steps.
 * ``teleport_cost_grad_steps``: ``(t_method - t_adamw) / teleports / t_step``
   from the median training times of whole runs, i.e. what one teleport costs
   in AdamW steps on the clock (``None`` for methods that do not teleport).
@@ -95,7 +98,7 @@ TUNING_SEED = 1000
 # steps and evaluation interval per workload family; trials and seeds per mode
 SIZES = {
   "full": dict(digits=(1000, 25), text=(2000, 100), trials=8, seeds=3, scale=1.0, val_windows=96),
-  "quick": dict(digits=(600, 25), text=(300, 25), trials=4, seeds=2, scale=1.0, val_windows=48),
+  "quick": dict(digits=(600, 25), text=(600, 50), trials=4, seeds=3, scale=1.0, val_windows=48),
   "smoke": dict(digits=(30, 10), text=(20, 10), trials=2, seeds=1, scale=0.25, val_windows=8),
 }
 
