@@ -117,15 +117,7 @@ def warm_rows(wl, hp, seeds=3) -> list[dict]:
   warm = dataclasses.replace(
     base,
     name="tp_lookahead_warm",
-    build=lambda hp, lr, wl: W._tp(
-      hp,
-      lr,
-      wl,
-      schedule=tj.every(250, start=20),
-      solver_backend=tj.LineSearch(),
-      num_steps=5,
-      warm_start=True,
-    ),
+    build=lambda hp, lr, wl: W.lookahead_teleport(hp, lr, wl, warm_start=True),
   )
   rows = []
   for method in (base, warm):

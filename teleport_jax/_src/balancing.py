@@ -221,16 +221,8 @@ def _sym_eig(m, eps):
   d = m.shape[-1]
   scale = jnp.trace(m, axis1=-2, axis2=-1)[..., None, None] / d
   m = m + (eps * scale + jnp.finfo(m.dtype).tiny) * jnp.eye(d, dtype=m.dtype)
-  lead = m.shape[:-2]
-  if not lead or jax.default_backend() != "cpu":
-    return jnp.linalg.eigh(m)
-  # one call per matrix on a CPU: jaxlib's batched CPU LAPACK kernels (before
-  # 0.11.1) block a pool thread while their chunks wait on the same pool, so two
-  # of them at once deadlock a two-thread pool (seen training a transformer)
-  parts = [jnp.linalg.eigh(a) for a in m.reshape((-1, d, d))]
-  evals = jnp.stack([w for w, _ in parts]).reshape(lead + (d,))
-  evecs = jnp.stack([v for _, v in parts]).reshape(lead + (d, d))
-  return evals, evecs
+  # one LAPACK call per matrix on a CPU (see groups._batched)
+  return groups_lib._batched(jnp.linalg.eigh, m)
 
 
 def _spd_power(m, power, eps, max_log=None):

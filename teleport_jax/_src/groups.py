@@ -40,21 +40,21 @@ Role = Literal["out", "in"]
 
 
 def _batched(fn, x):
-  """``fn`` over the leading (head) axes of ``x`` (``(..., d, d)``)."""
+  """``fn`` over the leading (head) axes of ``x`` (``(..., d, d)``); its outputs may be a tuple."""
   lead = x.shape[:-2]
   if not lead:
     return fn(x)
   flat = x.reshape((-1,) + x.shape[-2:])
   out = jax.vmap(fn)(flat) if jax.default_backend() != "cpu" else _cpu_map(fn, flat)
-  return out.reshape(lead + out.shape[-2:])
+  return jax.tree.map(lambda o: o.reshape(lead + o.shape[1:]), out)
 
 
 def _cpu_map(fn, flat):
-  # jaxlib's batched CPU LAPACK kernels can deadlock a small thread pool when two
-  # run concurrently; one call per matrix is as fast on a CPU.
-  if flat.shape[0] == 1:
-    return fn(flat[0])[None]
-  return jnp.stack([fn(m) for m in flat])
+  # jaxlib's batched CPU LAPACK kernels (before 0.11.1) block a pool thread while
+  # their chunks wait on the same pool: two at once deadlock a small pool. One
+  # call per matrix is as fast on a CPU.
+  outs = [fn(m) for m in flat]
+  return jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
 def expm(x: chex.Array) -> chex.Array:

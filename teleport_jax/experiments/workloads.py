@@ -358,6 +358,19 @@ def _tp(hp, lr, wl, **kwargs):
   return tj.with_teleport(_adamw(hp, lr), wl.symmetry, state_policy="transport", **kwargs)
 
 
+def lookahead_teleport(hp, lr, wl, **kwargs):
+  """``tp_lookahead``'s optimizer: line search on the 5-step look-ahead every 250 steps."""
+  return _tp(
+    hp,
+    lr,
+    wl,
+    schedule=tj.every(250, start=20),
+    solver_backend=tj.LineSearch(),
+    num_steps=5,
+    **kwargs,
+  )
+
+
 METHODS = {
   m.name: m
   for m in (
@@ -411,14 +424,7 @@ METHODS = {
       "tp_lookahead",
       "teleport",
       _ADAM_SPACE,
-      lambda hp, lr, wl: _tp(
-        hp,
-        lr,
-        wl,
-        schedule=tj.every(250, start=20),
-        solver_backend=tj.LineSearch(),
-        num_steps=5,
-      ),
+      lambda hp, lr, wl: lookahead_teleport(hp, lr, wl),
       "AdamW + optimizer look-ahead (5 AdamW steps) by line search every 250 steps",
     ),
   )
