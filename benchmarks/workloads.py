@@ -38,6 +38,7 @@ the values):
 
 Results: ``benchmarks/results/workloads.json``, ``{"workloads": {NAME:
 {"target_val_loss", "baseline", "skip_step_overhead", "loop_skip_overhead",
+"loop_skip_overhead_split",
 "methods": {METHOD: {"kind", "time_to_target_s", "steps_to_target",
 "final_val_loss", "compile_s", "teleport_cost_grad_steps", ...}}}}}``, and plots
 ``workloads_NAME.png`` next to it.

@@ -55,6 +55,7 @@ from teleport_jax._src.schedules import Periodic
 from teleport_jax._src.schedules import as_schedule
 from teleport_jax._src.schedules import at_steps
 from teleport_jax._src.schedules import every
+from teleport_jax._src.schedules import fires_within
 from teleport_jax._src.schedules import first
 from teleport_jax._src.sites import Product
 from teleport_jax._src.sites import Site
@@ -74,6 +75,7 @@ from teleport_jax._src.state_transport import transport_cotangent
 from teleport_jax._src.state_transport import transport_state
 from teleport_jax._src.symmetry import Symmetry
 from teleport_jax._src.transform import TeleportState
+from teleport_jax._src.transform import teleport_due
 from teleport_jax._src.transform import with_teleport
 
 __version__ = "0.1.0"
@@ -130,6 +132,7 @@ __all__ = (
   "default_get_inputs",
   "default_rtol",
   "every",
+  "fires_within",
   "first",
   "grad_norm_sq",
   "group_action",
@@ -147,6 +150,7 @@ __all__ = (
   "status_message",
   "tanh",
   "teleport",
+  "teleport_due",
   "transport_cotangent",
   "transport_state",
   "with_teleport",

@@ -366,3 +366,70 @@ def test_warm_start_needs_a_back_end_with_a_step_size():
     )
   with pytest.raises(TypeError, match="warm_start must be a bool"):
     tj.with_teleport(optax.sgd(0.1), tj.PositiveRescaling(), 1, warm_start=1)
+
+
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    tj.every(1),
+    tj.every(3),
+    tj.every(4, start=5),
+    tj.every(3, start=2, stop=11),
+    tj.first(2),
+    tj.at_steps([0, 7, 8, 20]),
+    tj.at_steps([4], pad_to=3),
+    tj.at_steps([]),
+  ],
+)
+@pytest.mark.parametrize("num_steps", [1, 2, 5])
+def test_fires_within_agrees_with_the_schedule_at_every_step_of_the_window(schedule, num_steps):
+  fires = [bool(schedule(jnp.asarray(c))) for c in range(30)]
+  for count in range(25):
+    expected = any(fires[count : count + num_steps])
+    assert tj.fires_within(schedule, count, num_steps) == expected, (count, num_steps)
+
+
+def test_fires_within_refuses_a_bad_window_or_a_non_schedule():
+  with pytest.raises(ValueError, match="num_steps"):
+    tj.fires_within(tj.every(2), 0, 0)
+  with pytest.raises(ValueError, match="count"):
+    tj.fires_within(tj.every(2), -1, 3)
+  with pytest.raises(TypeError, match="schedule"):
+    tj.fires_within(lambda c: True, 0, 3)
+
+
+def test_chunks_the_schedule_skips_can_run_without_the_conditional_with_the_same_result():
+  params, data = published_problem(3)
+  opt = tj.with_teleport(optax.sgd(1e-4), tj.PositiveRescaling(), schedule=tj.every(4, start=1))
+
+  def chunk(params, state, teleport):
+    def body(carry, _):
+      p, s = carry
+      grads = jax.grad(value_fn)(p, *data)
+      u, s = opt.update(grads, s, p, value_fn=value_fn, x=data[0], y=data[1], teleport=teleport)
+      return (optax.apply_updates(p, u), s), None
+
+    return jax.lax.scan(body, (params, state), None, length=2)[0]
+
+  maybe = jax.jit(lambda p, s: chunk(p, s, None))
+  plain = jax.jit(lambda p, s: chunk(p, s, False))
+  p_ref, s_ref = params, opt.init(params)
+  p_split, s_split = params, opt.init(params)
+  used = []
+  for _ in range(4):  # steps 0..7: the schedule fires at 1 and 5
+    p_ref, s_ref = maybe(p_ref, s_ref)
+    due = tj.teleport_due(s_split, 2)
+    used.append(due)
+    p_split, s_split = (maybe if due else plain)(p_split, s_split)
+  assert used == [True, False, True, False]
+  assert int(s_split.num_teleports) == int(s_ref.num_teleports) == 2
+  assert int(s_split.count) == 8
+  # a TeleportState inside a larger state (a chain's tuple, a dict) is found
+  assert tj.teleport_due({"opt": (optax.EmptyState(), s_split)}, 2)  # fires at 9
+  assert not tj.teleport_due((s_split,), 1)
+  for a, b in zip(jax.tree.leaves(p_split), jax.tree.leaves(p_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  with pytest.raises(TypeError, match="TeleportState"):
+    tj.teleport_due(optax.sgd(0.1).init(params), 2)
+  with pytest.raises(ValueError, match="num_steps"):
+    tj.teleport_due(s_split, 0)

@@ -87,6 +87,39 @@ def at_steps(steps: Sequence[int], pad_to: int | None = None) -> AtSteps:
   return AtSteps(steps=jnp.asarray(steps, jnp.int32))
 
 
+def fires_within(schedule: Schedule, count: int, num_steps: int = 1) -> bool:
+  """Whether ``schedule`` fires at a step count in ``[count, count + num_steps)``.
+
+  Evaluated on the host (NumPy, no dispatch): for deciding in Python which of
+  two compiled programs runs the next steps, one that may teleport and one
+  compiled with ``teleport=False`` (see :func:`teleport_jax.teleport_due`).
+
+  Args:
+    schedule: a :class:`Periodic` or :class:`AtSteps` (its arrays are read to
+      the host).
+    count: the step count of the first step of the window (``>= 0``).
+    num_steps: the window's length (``>= 1``).
+
+  Raises:
+    TypeError: if ``schedule`` is not a schedule.
+    ValueError: if ``count`` or ``num_steps`` is out of range.
+  """
+  _check_int("count", int(count) if isinstance(count, np.integer) else count, 0)
+  _check_int("num_steps", num_steps, 1)
+  count, end = int(count), int(count) + num_steps
+  if isinstance(schedule, Periodic):
+    period, start, stop = (
+      int(np.asarray(getattr(schedule, f))) for f in ("period", "start", "stop")
+    )
+    first_due = max(count, start)
+    first_due = start + -(-(first_due - start) // period) * period  # next firing >= it
+    return first_due < min(end, stop)
+  if isinstance(schedule, AtSteps):
+    steps = np.asarray(schedule.steps)
+    return bool(np.any((steps >= count) & (steps < end)))
+  raise TypeError(f"schedule must be a Periodic or AtSteps, got {type(schedule).__name__}.")
+
+
 def as_schedule(schedule) -> Schedule:
   """Resolves an int (every k), a sequence of ints (at steps) or a schedule.
 
