@@ -1,5 +1,6 @@
 """The training workloads in reduced form: data, methods, the time-to-target metric."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -137,6 +138,26 @@ def test_every_method_trains_and_the_teleports_stay_on_the_level_set(mlp_record)
   base = rec["methods"][rec["baseline"]]
   assert rec["target_val_loss"] == pytest.approx(np.median(base["final_val_loss"]))
   assert rec["loop_skip_overhead"] > 0
+
+
+def test_calling_the_step_or_skipping_the_conditional_does_not_change_the_training():
+  """The CNNs' per-step calls and the split programs train as one compiled scan does."""
+  wl = W.make_workload("cnn_digits", "smoke")
+  assert wl.loop == "steps"
+  method = W.METHODS["tp_gradbalance_50"]  # teleports at step 10 of 30
+  hp = {"lr": 3e-3, "wd": 0.03}
+  runs = {
+    "steps, split": W.Trainer(wl, method).run(hp, 0),
+    "scan, conditional": W.Trainer(
+      dataclasses.replace(wl, loop="scan"), method, split_chunks=False
+    ).run(hp, 0),
+  }
+  ref = runs["scan, conditional"]
+  assert ref["teleports"] == 1
+  for name, r in runs.items():
+    assert r["teleports"] == ref["teleports"], name
+    np.testing.assert_allclose(r["val_loss"], ref["val_loss"], rtol=1e-4, err_msg=name)
+    assert len(r["time_s"]) == len(ref["time_s"]) == 1 + wl.steps // wl.eval_every
 
 
 def test_reproduce_runs_the_workloads_only_when_asked(monkeypatch, tmp_path):

@@ -58,13 +58,16 @@ Protocol:
   ``workloads_tuned.json`` next to this module (per mode) and reused unless
   ``retune`` is asked for.
 * Evaluation: seeds ``0 .. seeds - 1``; the validation loss is measured every
-  ``eval_every`` steps (outside the timed part). Training is one compiled
-  ``lax.scan`` of ``eval_every`` steps per call (compiled ahead of time, compile
-  time reported apart); the time of a run is the sum of those calls
-  (``block_until_ready``). A ``with_teleport`` method runs a second program
-  for the chunks its schedule skips, compiled with ``teleport=False``
-  (:func:`teleport_jax.teleport_due` picks one per chunk): the conditional
-  would otherwise cost at every step. Time to target: the training time up to the first
+  ``eval_every`` steps (outside the timed part). Training between two
+  evaluations is one compiled ``lax.scan`` of ``eval_every`` steps (the MLP,
+  the transformers) or ``eval_every`` calls of a compiled step (the CNNs:
+  XLA's CPU convolutions are several times slower inside a loop body), all
+  compiled ahead of time, compile time reported apart; the time of a run is
+  the sum of those intervals (``block_until_ready``). A ``with_teleport``
+  method runs a second program for the chunks its schedule skips, compiled
+  with ``teleport=False`` (decided per chunk in Python, as
+  :func:`teleport_jax.teleport_due` does): the conditional would otherwise
+  cost at every step. Time to target: the training time up to the first
   evaluation at or below the target (resolution ``eval_every`` steps), ``None``
   if never reached.
 * Sizes (``SIZES``): ``full``: 1,000 steps on the digits and 2,000 on the
@@ -127,6 +130,10 @@ class Workload:
     eval_every: steps between validation evaluations.
     warmup: warm-up steps of the learning-rate schedule.
     lr_range: ``{method family: (low, high)}`` of the learning rate.
+    loop: ``"scan"``: the steps between evaluations run as one compiled
+      ``lax.scan``; ``"steps"``: as that many calls of a compiled step (XLA's
+      CPU convolutions run several times slower inside a loop body,
+      jax-ml/jax#12868: 5.1 ms against 1.4 ms a step for the CNN).
   """
 
   name: str
@@ -141,6 +148,7 @@ class Workload:
   eval_every: int
   warmup: int
   lr_range: dict
+  loop: str = "scan"
 
 
 def _int(x: float) -> int:
@@ -303,6 +311,7 @@ def make_workload(
     eval_every=every,
     warmup=max(1, steps // 20),
     lr_range=dict(adam=(3e-4, 1e-2), sgd=(1e-2, 1.0)),
+    loop="scan" if name == "mlp_digits" else "steps",
   )
 
 
@@ -506,14 +515,20 @@ class Trainer:
         u, s = opt.update(g, s, p, value=value, value_fn=loss, x=x, y=y, **extra)
         return (optax.apply_updates(p, u), s, k), value
 
+      if self._length == 1:  # no loop at all (a scan of one step is still a loop)
+        (params, state, key), value = step((params, state, key), None)
+        return params, state, key, value
       (params, state, key), values = jax.lax.scan(
-        step, (params, state, key), None, length=wl.eval_every
+        step, (params, state, key), None, length=self._length
       )
       return params, state, key, jnp.mean(values)
 
     def evaluate(params, val):
       return loss(params, *val)
 
+    if wl.loop not in ("scan", "steps"):
+      raise ValueError(f"Workload.loop must be 'scan' or 'steps', got {wl.loop!r}.")
+    self._length = wl.eval_every if wl.loop == "scan" else 1
     params = wl.init(0)
     hp0 = {k: jnp.float32(1e-3) for k in method.space}
     t = time.perf_counter()
@@ -524,7 +539,7 @@ class Trainer:
       jax.jit(chunk, donate_argnums=(0, 1)).lower(params, state, key, hp0, wl.train).compile()
     )
     # a with_teleport's chunks that its schedule skips run a program without the
-    # conditional (tj.teleport_due decides per chunk, in Python)
+    # conditional (decided per chunk in Python, as tj.teleport_due does)
     self._split = self.split_chunks and isinstance(state, tj.TeleportState)
     if self._split:
       plain = functools.partial(chunk, teleport=False)
@@ -544,16 +559,23 @@ class Trainer:
     val = [float(self._eval(params, wl.val))]
     times, train = [0.0], []
     elapsed = 0.0
+    # the schedule and the step count on the host: no transfer inside the timed part
+    schedule = jax.device_get(state.schedule) if self._split else None
+    count = int(state.count) if self._split else 0
     for _ in range(wl.steps // wl.eval_every):
       t = time.perf_counter()
-      fn = self._chunk
-      if self._split and not tj.teleport_due(state, wl.eval_every):
-        fn = self._plain_chunk
-      params, state, key, tr = fn(params, state, key, hp, wl.train)
+      losses = []
+      for _ in range(wl.eval_every // self._length):
+        fn = self._chunk
+        if self._split and not tj.fires_within(schedule, count, self._length):
+          fn = self._plain_chunk
+        params, state, key, tr = fn(params, state, key, hp, wl.train)
+        losses.append(tr)
+        count += self._length
       jax.block_until_ready((params, state))
       elapsed += time.perf_counter() - t
       times.append(elapsed)
-      train.append(float(tr))
+      train.append(float(np.mean([float(x) for x in losses])))
       v = float(self._eval(params, wl.val))
       val.append(v)
       if not math.isfinite(v):
