@@ -308,9 +308,9 @@ def run(mode: str, only=None, train=True, retune=False, text=None, data_dir=None
     ],
     "targets": targets,
     "notes": [
-      "time to target: training seconds (compiled loop, compile time apart) until the "
-      "validation loss is first at or below the best tuned baseline's median final "
-      "validation loss; 'time ratio' divides medians over the evaluation seeds.",
+      "time to target: training seconds (a compiled scan or compiled steps, compile time "
+      "apart) until the validation loss is first at or below the best tuned baseline's "
+      "median final validation loss; 'time ratio' divides medians over the evaluation seeds.",
       "Both steps are compiled ahead of time (compile time apart) and timed in interleaved "
       "rounds in one process; 'params rel diff' is the largest difference between "
       "the parameters the two steps return, relative to the largest entry of each leaf "

@@ -31,7 +31,7 @@ Protocol:
   warm-up over ``warmup`` steps (100 on the transformer, 5 % elsewhere), cosine
   decay to ``0.1 * lr`` at the last step. Minibatches are drawn uniformly at
   random with replacement (windows of the text, as nanoGPT does), inside the
-  compiled loop.
+  compiled step.
 * Methods. Baselines: ``adamw`` (b1 0.9, b2 0.99); ``sgd_nesterov`` (momentum
   0.9, L2 weight decay); ``norm_balance``: AdamW followed by closed-form norm
   balancing after every step (:func:`teleport_jax.balanced`, the ENorm idea:
@@ -675,7 +675,7 @@ def run_workload(
     method ``kind``, ``time_to_target_s``, ``steps_to_target``,
     ``final_val_loss``, ``compile_s``, ``teleport_cost_grad_steps``, the tuned
     ``hp`` and the per-seed curves), ``loop_skip_overhead`` (a never-firing
-    ``with_teleport`` over AdamW in a compiled loop, the schedule inside the
+    ``with_teleport`` over AdamW in the workload's loop, the schedule inside the
     program) and ``loop_skip_overhead_split`` (the same, chunks the schedule
     skips compiled with ``teleport=False``, as every teleport method here runs).
   """
@@ -894,7 +894,7 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
       "target: the best tuned baseline's median final validation loss; time ratio: "
       "median time to target / the best baseline's (None: fewer than half the seeds "
       "reached it)",
-      "loop skip overhead (a with_teleport that never fires / AdamW, compiled loop; "
+      "loop skip overhead (a with_teleport that never fires / AdamW, the workload's loop; "
       "the schedule inside the program / chunks it skips compiled with teleport=False): "
       + ", ".join(
         f"{n} {r['loop_skip_overhead']:.3f} / {r['loop_skip_overhead_split']:.3f}"
