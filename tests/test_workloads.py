@@ -160,6 +160,27 @@ def test_calling_the_step_or_skipping_the_conditional_does_not_change_the_traini
     assert len(r["time_s"]) == len(ref["time_s"]) == 1 + wl.steps // wl.eval_every
 
 
+@pytest.mark.parametrize("mode", ["smoke", "quick"])
+def test_only_real_runs_store_their_tuned_values(monkeypatch, mode):
+  wl = _transformer()
+  out = {
+    "adamw": dict(
+      kind="baseline", description="", hp={}, compile_s=1.0, runs=[_run([2.0, 1.0], [0.0, 1.0])]
+    )
+  }
+
+  def fake_run_workload(name, mode, *, tuned, **kwargs):
+    tuned.setdefault(mode, {}).setdefault(name, {})["adamw"] = {"hp": {"lr": 1e-3}}
+    return W.summarise(wl, out, loop_skip_overhead=1.0, loop_skip_overhead_split=1.0)
+
+  saved = []
+  monkeypatch.setattr(W, "run_workload", fake_run_workload)
+  monkeypatch.setattr(W, "load_tuned", dict)
+  monkeypatch.setattr(W, "save_tuned", saved.append)
+  W.run(common.RunConfig(mode=mode, out_dir=None), names=["char_transformer"])
+  assert len(saved) == (0 if mode == "smoke" else 1)
+
+
 def test_reproduce_runs_the_workloads_only_when_asked(monkeypatch, tmp_path):
   seen = []
 

@@ -870,7 +870,8 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
     )
     if config.out_dir is not None:
       plot(name, records[name], Path(config.out_dir))
-    if json.dumps(tuned, sort_keys=True) != before:  # kept if a later workload fails
+    # kept if a later workload fails; smoke-size values (tests) are not stored
+    if mode != "smoke" and json.dumps(tuned, sort_keys=True) != before:
       save_tuned(tuned)
   size = SIZES[mode]
   best = {}
