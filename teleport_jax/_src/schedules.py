@@ -104,7 +104,7 @@ def fires_within(schedule: Schedule, count: int, num_steps: int = 1) -> bool:
     TypeError: if ``schedule`` is not a schedule.
     ValueError: if ``count`` or ``num_steps`` is out of range.
   """
-  _check_int("count", int(count) if isinstance(count, np.integer) else count, 0)
+  _check_int("count", count, 0)
   _check_int("num_steps", num_steps, 1)
   count, end = int(count), int(count) + num_steps
   if isinstance(schedule, Periodic):

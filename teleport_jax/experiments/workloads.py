@@ -575,7 +575,7 @@ class Trainer:
       jax.block_until_ready((params, state))
       elapsed += time.perf_counter() - t
       times.append(elapsed)
-      train.append(float(np.mean([float(x) for x in losses])))
+      train.append(float(np.mean(jax.device_get(losses))))  # one transfer
       v = float(self._eval(params, wl.val))
       val.append(v)
       if not math.isfinite(v):
