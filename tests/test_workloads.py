@@ -161,7 +161,7 @@ def test_calling_the_step_or_skipping_the_conditional_does_not_change_the_traini
 
 
 @pytest.mark.parametrize("mode", ["smoke", "quick"])
-def test_only_real_runs_store_their_tuned_values(monkeypatch, mode):
+def test_only_real_runs_store_their_tuned_values_after_each_method(monkeypatch, mode):
   wl = _transformer()
   out = {
     "adamw": dict(
@@ -169,8 +169,10 @@ def test_only_real_runs_store_their_tuned_values(monkeypatch, mode):
     )
   }
 
-  def fake_run_workload(name, mode, *, tuned, **kwargs):
-    tuned.setdefault(mode, {}).setdefault(name, {})["adamw"] = {"hp": {"lr": 1e-3}}
+  def fake_run_workload(name, mode, *, tuned, on_tuned, **kwargs):
+    for method in ("adamw", "norm_balance"):
+      tuned.setdefault(mode, {}).setdefault(name, {})[method] = {"hp": {"lr": 1e-3}}
+      on_tuned()
     return W.summarise(wl, out, loop_skip_overhead=1.0, loop_skip_overhead_split=1.0)
 
   saved = []
@@ -178,7 +180,8 @@ def test_only_real_runs_store_their_tuned_values(monkeypatch, mode):
   monkeypatch.setattr(W, "load_tuned", dict)
   monkeypatch.setattr(W, "save_tuned", saved.append)
   W.run(common.RunConfig(mode=mode, out_dir=None), names=["char_transformer"])
-  assert len(saved) == (0 if mode == "smoke" else 1)
+  # stored after each method, so that a run stopped part-way keeps what it tuned
+  assert len(saved) == (0 if mode == "smoke" else 2)
 
 
 def test_reproduce_runs_the_workloads_only_when_asked(monkeypatch, tmp_path):

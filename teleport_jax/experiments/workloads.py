@@ -667,8 +667,13 @@ def run_workload(
   text=None,
   progress=None,
   tuned: dict | None = None,
+  on_tuned: Callable[[], None] | None = None,
 ) -> dict:
   """Tunes (or loads) and evaluates every method on one workload.
+
+  Every method is tuned first (``on_tuned()`` is called after each, so that a
+  long run can store what it has tuned before it ends), then every method is
+  evaluated, so that the timed evaluation runs are taken back to back.
 
   Returns:
     The workload's record: ``target_val_loss``, ``baseline``, ``methods`` (per
@@ -688,10 +693,13 @@ def run_workload(
   out: dict[str, Any] = {}
   trainers = {}
   for mname in names:
-    method = METHODS[mname]
-    trainer = trainers[mname] = Trainer(wl, method)
+    trainers[mname] = Trainer(wl, METHODS[mname])
     if retune or mname not in stored:
-      stored[mname] = tune(trainer, size["trials"], progress)
+      stored[mname] = tune(trainers[mname], size["trials"], progress)
+      if on_tuned is not None:
+        on_tuned()
+  for mname in names:
+    method, trainer = METHODS[mname], trainers[mname]
     hp = stored[mname]["hp"]
     runs = []
     for s in seeds:
@@ -856,7 +864,13 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
   """The ``workloads`` experiment of ``reproduce`` (every workload, every method)."""
   mode = _mode(config)
   tuned = load_tuned()
-  before = json.dumps(tuned, sort_keys=True)
+
+  def store():
+    # each method's values as soon as it is tuned (kept if the run stops before its
+    # end); smoke-size values (tests) are not stored
+    if mode != "smoke":
+      save_tuned(tuned)
+
   records = {}
   for name in names or NAMES:
     records[name] = run_workload(
@@ -867,12 +881,10 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
       text=config.text,
       progress=progress,
       tuned=tuned,
+      on_tuned=store,
     )
     if config.out_dir is not None:
       plot(name, records[name], Path(config.out_dir))
-    # kept if a later workload fails; smoke-size values (tests) are not stored
-    if mode != "smoke" and json.dumps(tuned, sort_keys=True) != before:
-      save_tuned(tuned)
   size = SIZES[mode]
   best = {}
   for name, rec in records.items():
