@@ -84,7 +84,7 @@ def test_parse_args_modes():
     run.parse_args(["--quick", "--smoke"])
 
 
-@pytest.mark.parametrize("name", ["backends", "discovery", "workloads"])
+@pytest.mark.parametrize("name", ["backends", "discovery", "loop_modes", "workloads"])
 def test_standalone_benchmarks_run_in_smoke_mode(tmp_path, name):
   import importlib
 
