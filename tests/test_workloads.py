@@ -64,6 +64,21 @@ def test_trials_are_log_uniform_draws_inside_the_ranges_and_reproducible():
   assert len({d["lr"] for d in draws}) == 8
 
 
+@pytest.mark.parametrize("name", ["mlp_digits", "char_transformer_relu"])
+def test_methods_with_one_search_space_are_tried_at_the_same_values(name):
+  wl = dataclasses.replace(_transformer(), name=name)
+  ref = W.draw_trials(W.METHODS["adamw"], wl, 8)
+  same = [m for m in W.METHODS.values() if m.space == W.METHODS["adamw"].space]
+  assert len(same) >= 5  # the balancing and teleport methods share AdamW's
+  for m in same:
+    assert W.draw_trials(m, wl, 8) == ref
+  # the per-layer method's first trial shares AdamW's values, then its extra factor
+  first = W.draw_trials(W.METHODS["per_layer_lr"], wl, 8)[0]
+  assert {k: first[k] for k in ref[0]} == ref[0]
+  other = dataclasses.replace(wl, name="xyz_" + name)
+  assert W.draw_trials(W.METHODS["adamw"], other, 8) != ref
+
+
 def test_per_layer_factors_span_r_to_the_minus_and_plus_one_half():
   updates = {"params": {"a": jnp.ones(2), "b": jnp.ones(3), "c": jnp.ones(1)}}
   out, _ = W._layer_scale({"r": jnp.float32(4.0)}).update(updates, None)

@@ -52,8 +52,10 @@ Protocol:
   without the stability constraint, whose sharpness estimates are two thirds
   of a look-ahead teleport's cost.
 * Tuning: ``trials`` random draws (log-uniform) of the method's
-  hyper-parameters per method and workload, each trained on its own tuning
-  seed (1000 + trial: initialisation and minibatches); the draw with the
+  hyper-parameters per method and workload (methods with the same search
+  space are tried at the same values: :func:`draw_trials`). Each draw is
+  trained on its own tuning seed
+  (1000 + trial: initialisation and minibatches); the draw with the
   lowest final validation loss is kept. The chosen values are stored in
   ``workloads_tuned.json`` next to this module (per mode) and reused unless
   ``retune`` is asked for.
@@ -469,8 +471,16 @@ def lr_schedule(hp, wl: Workload) -> Callable:
 
 
 def draw_trials(method: Method, wl: Workload, n: int) -> list[dict]:
-  """``n`` log-uniform draws of ``method``'s hyper-parameters (seeded by the names)."""
-  seed = int.from_bytes(f"{wl.name}/{method.name}".encode(), "little") % (2**32)
+  """``n`` log-uniform draws of ``method``'s hyper-parameters.
+
+  The generator is seeded by the first four bytes of the workload's name only
+  (as the stored tuned values were drawn), so the methods of a workload with
+  the same search space are tried at the same values (paired trials: AdamW, the
+  balancing and teleport methods); SGD maps the same uniform draws to its own
+  learning-rate range, and the per-layer method's extra factor, drawn within
+  each trial, shifts its sequence after the first trial.
+  """
+  seed = int.from_bytes(wl.name.encode()[:4].ljust(4, b"\0"), "little")
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(n):
