@@ -12,7 +12,7 @@ HERE = pathlib.Path(__file__).parent
 # a different order on different devices; when every pool thread waits in a
 # rendezvous whose remaining participants are still queued behind them, XLA
 # aborts after 40 s ("Termination timeout ... Expected 8 threads to join the
-# rendezvous"). On 2 loaded cores that happened to about one run in ten of the
+# rendezvous"). On 2 loaded cores that happened in 1 of 20 runs of the
 # README example. A pool four times the device count leaves threads free for
 # the queued participants; should XLA still abort that way, the run is repeated
 # once (any other failure, or the same abort twice, fails the test).
