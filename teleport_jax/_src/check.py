@@ -35,6 +35,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src import tracing
 
 
 class CheckResult(NamedTuple):
@@ -68,6 +69,42 @@ def default_check_tol(dtype) -> float:
   if dtype in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return 1e-2
   return 1e-4
+
+
+def compute_resolution(loss_of, params: chex.ArrayTree):
+  """The floating dtype of least precision that ``loss_of(params)`` computes in.
+
+  A model can compute in bfloat16 (a flax module with ``dtype=jnp.bfloat16``
+  casts its parameters down) while its parameters and its loss are float32: the
+  first-order check then measures bfloat16 rounding, whatever the dtype of
+  the loss. Read off the traced program (abstract values only; nothing runs);
+  ``None`` when it holds no floating-point value.
+  """
+  avals = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params
+  )
+  try:
+    closed = jax.make_jaxpr(loss_of)(avals)
+  except Exception:  # noqa: BLE001 - a loss that cannot be traced alone: no finding
+    return None
+  found = None
+  for eqn, _ in tracing.walk(closed.jaxpr):
+    for v in eqn.outvars:
+      dtype = getattr(getattr(v, "aval", None), "dtype", None)
+      try:
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+          continue
+      except TypeError:
+        continue
+      if found is None or jnp.finfo(dtype).eps > jnp.finfo(found).eps:
+        found = jnp.dtype(dtype)
+  return found
+
+
+def resolution_tol(loss_of, params: chex.ArrayTree, tol: float) -> float:
+  """``tol``, raised to :func:`default_check_tol` of the dtype the loss computes in."""
+  dtype = compute_resolution(loss_of, params)
+  return tol if dtype is None else max(float(tol), default_check_tol(dtype))
 
 
 def _perturb(params, key, scale):
@@ -130,7 +167,10 @@ def symmetry_check(
     params: the point (in the compute dtype).
     data: the batch, passed to data-dependent actions.
     grads: ``grad(loss_of)(params)`` (already computed by the teleport).
-    tol: largest allowed cosine.
+    tol: largest allowed cosine; raised to the rounding level of the dtype
+      the loss computes in (:func:`compute_resolution`: 1e-2 for a model that
+      computes in bfloat16 or float16 whatever the dtypes of its parameters and
+      loss).
     num_directions: random generators per point.
     perturbation: size of the perturbed point, relative to each leaf's RMS.
     seed: seed of the directions and the perturbation (fixed: reproducible).
@@ -138,6 +178,7 @@ def symmetry_check(
   Returns:
     A :class:`CheckResult`.
   """
+  tol = resolution_tol(loss_of, params, tol)
   zeros = symmetry.algebra_zeros(params)
   zeros_flat, unravel = ravel_pytree(zeros)
   dtype = ravel_pytree(params)[0].dtype
@@ -215,6 +256,7 @@ def diagnose(
   part per hidden layer or site), in one compiled call. Called eagerly, after
   a failed check.
   """
+  tol = resolution_tol(loss_of, params, tol)
   names = part_names(symmetry, params)
   errors = np.asarray(_part_errors(loss_of, symmetry, params, data))
   bad = [

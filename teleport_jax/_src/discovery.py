@@ -94,12 +94,15 @@ class Verification:
     output_tol: the tolerance on ``output_error``.
     first_order_tol: the tolerance on ``first_order_error``.
     dtype: the parameters' dtype name.
+    check_dtype: the dtype the check computed in (float32 for bfloat16/float16
+      parameters whose program can be evaluated wider: see :func:`tolerances`).
   """
 
   checks: tuple[SiteCheck, ...]
   output_tol: float
   first_order_tol: float
   dtype: str
+  check_dtype: str = ""
 
   @property
   def ok(self) -> bool:
@@ -107,10 +110,17 @@ class Verification:
 
   def __str__(self) -> str:
     head = (
-      f"verify ({self.dtype}; tolerances: output {self.output_tol:.0e}, first order "
+      f"verify ({_dtype_text(self.dtype, self.check_dtype)}; tolerances: output "
+      f"{self.output_tol:.0e}, first order "
       f"{self.first_order_tol:.0e})"
     )
     return head + "\n" + _table(self.checks)
+
+
+def _dtype_text(dtype: str, check_dtype: str) -> str:
+  if not check_dtype or check_dtype == dtype:
+    return dtype
+  return f"{dtype}, checked in {check_dtype}"
 
 
 def _fmt(x: float) -> str:
@@ -157,6 +167,8 @@ class Discovered(sites_lib.Product):
     joint_error: relative output change when every site acts at once.
     output_tol, first_order_tol: the verification tolerances.
     dtype: the parameters' dtype name.
+    check_dtype: the dtype the numerical check computed in (float32 for
+      bfloat16/float16 parameters whose program can be evaluated wider).
     timings: ``(phase, seconds)`` of the discovery: ``trace`` (``make_jaxpr`` and
       inlining), ``propagate`` (labels and candidates), ``verify`` (compiling the
       check and measuring every candidate), ``joint`` (all sites at once).
@@ -170,6 +182,7 @@ class Discovered(sites_lib.Product):
   output_tol: float = 0.0
   first_order_tol: float = 0.0
   dtype: str = "float32"
+  check_dtype: str = ""
   timings: tuple[tuple[str, float], ...] = ()
 
   @property
@@ -194,7 +207,8 @@ class Discovered(sites_lib.Product):
   def report(self) -> str:
     """The discovery report: sites, groups, measured errors, untouched leaves."""
     lines = [
-      f"find_symmetries: {len(self.parts)} sites, dimension {self.dimension} ({self.dtype}; "
+      f"find_symmetries: {len(self.parts)} sites, dimension {self.dimension} "
+      f"({_dtype_text(self.dtype, self.check_dtype)}; "
       f"tolerances: output {self.output_tol:.0e}, first order {self.first_order_tol:.0e})"
     ]
     if self.checks:
@@ -238,7 +252,12 @@ def tolerances(dtype) -> tuple[float, float]:
   """``(output_tol, first_order_tol)`` for parameters of ``dtype``.
 
   Exact symmetries measure about ``1e-7`` (float32) and ``1e-15`` (float64)
-  on small models; a non-symmetry measures ``1e-3`` to ``1``.
+  on small models; a non-symmetry measures ``1e-3`` to ``1``. In bfloat16 the
+  rounding alone measures up to a few ``1e-2``, as large as a weak
+  non-symmetry: bfloat16/float16 parameters are therefore checked on the
+  same program evaluated in float32 (:func:`teleport_jax._src.tracing.widened`)
+  with the float32 tolerances; the low-precision tolerances serve the
+  programs that cannot be widened (loops, bit-level primitives).
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float64:
@@ -591,12 +610,15 @@ class _Checker:
   NumPy.
   """
 
-  def __init__(self, apply_fn, params, args, kwargs, *, seed: int = 0, closed=None):
+  def __init__(self, apply_fn, params, args, kwargs, *, seed: int = 0, closed=None, widened=None):
+    if widened is not None:  # the program in float32: parameters and inputs cast up
+      params, args = _upcast(params), _upcast(args)
     self.params = params
     self.index = paths_lib.LeafIndex(params)
     self.treedef = jax.tree_util.tree_structure(params)
     self.leaves = list(self.index.leaves)
     self.floats = [i for i, x in enumerate(self.leaves) if _is_float(x)]
+    self.dtype = jnp.dtype(sites_lib.leaf_dtype(params))
     arg_leaves = jax.tree_util.tree_leaves(args)
     fixed = list(self.leaves)
 
@@ -604,6 +626,8 @@ class _Checker:
       leaves = list(fixed)
       for i, x in zip(self.floats, float_leaves):
         leaves[i] = x
+      if widened is not None:
+        return widened(*leaves, *arg_leaves)
       if closed is not None:  # the traced program: cheaper to re-trace than the model
         return jex_core.jaxpr_as_fun(closed)(*leaves, *arg_leaves)
       return apply_fn(jax.tree_util.tree_unflatten(self.treedef, leaves), *args, **kwargs)
@@ -727,6 +751,43 @@ class _Checker:
     ]
     _, res = self.fj(point, t)
     return float(np.linalg.norm(np.asarray(res, np.float64)))
+
+
+def _upcast(tree):
+  """``tree`` with its bfloat16/float16 leaves in float32."""
+  return jax.tree_util.tree_map(
+    lambda x: x.astype(jnp.float32) if _is_float(x) and x.dtype in tracing.LOW_PRECISION else x,
+    tree,
+  )
+
+
+def _checker(apply_fn, params, args, kwargs, closed, program=None, *, native=None) -> _Checker:
+  """The numerical checker; for bfloat16/float16 parameters, on the program in float32.
+
+  In bfloat16 an exact symmetry's measured errors (rounding of the moved
+  parameters and of every operation) reach a few ``1e-2``, as large as a
+  weak non-symmetry's, and drop a real site at random. The program traced
+  from ``apply_fn`` is evaluated with every low-precision value in float32
+  instead (same operations, float32 rounding): the check then separates
+  symmetries from non-symmetries as in float32. Programs that cannot be
+  widened (loops, bit-level primitives), or whose widened outputs disagree
+  with the program's own beyond bfloat16 rounding, are checked as they run
+  (on ``native``: the traced program, or ``None`` for ``apply_fn`` itself).
+  """
+  if jnp.dtype(sites_lib.leaf_dtype(params)) in tracing.LOW_PRECISION:
+    program = tracing.inline(closed) if program is None else program
+    if tracing.widenable(program):
+      try:
+        checker = _Checker(apply_fn, params, args, kwargs, widened=tracing.widened(program))
+        leaves = jax.tree_util.tree_leaves((params, args))
+        outs = _compile(jax.jit(jex_core.jaxpr_as_fun(closed)), *leaves)(*leaves)
+        ref = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in outs if _is_float(x)])
+        gap = float(np.max(np.abs(ref - checker.out0), initial=0.0))
+        if np.all(np.isfinite(checker.out0)) and gap <= 0.25 * max(checker.scale, 1e-30):
+          return checker
+      except Exception:  # noqa: BLE001 - a primitive that does not take float32: as it runs
+        pass
+  return _Checker(apply_fn, params, args, kwargs, closed=native)
 
 
 def _compile(jitted, *args):
@@ -996,10 +1057,14 @@ def find_symmetries(apply_fn: Callable, params: chex.ArrayTree, *example_args, *
   lap("propagate")
 
   dtype = sites_lib.leaf_dtype(params)
-  out_tol, fo_tol = tolerances(dtype)
   checker = None
+  check_dtype = jnp.dtype(dtype)
   if cands:
-    checker = _Checker(apply_fn, params, example_args, example_kwargs, closed=closed)
+    checker = _checker(
+      apply_fn, params, example_args, example_kwargs, closed, program, native=closed
+    )
+    check_dtype = checker.dtype
+  out_tol, fo_tol = tolerances(check_dtype)
 
   accepted: list[tuple[_Candidate, sites_lib.SiteSymmetry, SiteCheck]] = []
   rejected: list[SiteCheck] = []
@@ -1046,6 +1111,7 @@ def find_symmetries(apply_fn: Callable, params: chex.ArrayTree, *example_args, *
     output_tol=out_tol,
     first_order_tol=fo_tol,
     dtype=jnp.dtype(dtype).name,
+    check_dtype=check_dtype.name,
     timings=tuple(timings),
   )
 
@@ -1163,14 +1229,14 @@ def verify(
       f"verify checks data-free symmetries; {type(symmetry).__name__} depends on the batch."
     )
   _check_args(apply_fn, params, example_args, example_kwargs)
-  _trace(apply_fn, params, example_args, example_kwargs)
+  closed, _ = _trace(apply_fn, params, example_args, example_kwargs)
   symmetry.validate(params)
   parts = symmetry.parts if isinstance(symmetry, sites_lib.Product) else (symmetry,)
   dtype = sites_lib.leaf_dtype(params)
-  out_tol, fo_tol = tolerances(dtype)
-  checker = _Checker(apply_fn, params, example_args, example_kwargs)
+  checker = _checker(apply_fn, params, example_args, example_kwargs, closed)
+  out_tol, fo_tol = tolerances(checker.dtype)
   checks = tuple(_measure(checker, list(parts), out_tol, fo_tol))
-  result = Verification(checks, out_tol, fo_tol, jnp.dtype(dtype).name)
+  result = Verification(checks, out_tol, fo_tol, jnp.dtype(dtype).name, checker.dtype.name)
   if strict and not result.ok:
     bad = "; ".join(
       f"site {c.name!r} ({c.group}): relative output change {c.output_error:.2g} (tolerance "

@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
 
+import jax.numpy as jnp
 import numpy as np
 
 from teleport_jax._src import tracing
@@ -186,7 +187,8 @@ def _floating(aval) -> bool:
   if dtype is None:
     return False
   try:
-    return bool(np.issubdtype(dtype, np.inexact))
+    # jnp's test: NumPy does not count bfloat16 (an ml_dtypes extension type) as inexact
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
   except TypeError:
     return False
 
@@ -566,7 +568,7 @@ class Propagation:
     except Exception:  # noqa: BLE001 - tokens, keys: no value to read
       arr = None
     uniform = None
-    if arr is not None and arr.size and np.issubdtype(arr.dtype, np.number):
+    if arr is not None and arr.size and jnp.issubdtype(arr.dtype, jnp.number):
       first = arr.reshape(-1)[0]
       if np.all(arr == first) or (np.isnan(first) and np.all(np.isnan(arr))):
         uniform = float(first)

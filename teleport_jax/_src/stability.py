@@ -36,9 +36,11 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 from jax.flatten_util import ravel_pytree
 
 from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src import state_transport
 
 
 class StabilityState(NamedTuple):
@@ -90,16 +92,17 @@ class Stability:
 
   # ------------------------------------------------------------------ maps
   def _step_map(self, loss_of, params, context, g):
-    """``v -> -T v`` at ``params`` (flat vectors)."""
+    """``v -> -T v`` at ``params`` (flat vectors, in the dtype of ``params``)."""
     flat, unravel = ravel_pytree(params)
     if context is not None and context.optimizer is not None:
-      state = jax.lax.stop_gradient(context.state_at(params, g))
+      # the state in the compute dtype, as the candidate is (a bfloat16 state in float32)
+      state = state_transport.upcast(jax.lax.stop_gradient(context.state_at(params, g)))
       kwargs = dict(context.update_kwargs or {})
       opt = context.optimizer
 
       def step(p):
         u, _ = opt.update(jax.grad(loss_of)(p), state, p, **kwargs)
-        return ravel_pytree(u)[0]
+        return ravel_pytree(optax.tree.cast_like(u, p))[0]
 
       def mv(v):
         return -jax.jvp(lambda x: step(unravel(x)), (flat,), (v,))[1]

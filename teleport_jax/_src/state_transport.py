@@ -62,10 +62,32 @@ def composer(symmetry: sym_lib.Symmetry) -> Callable[[Any, Any], Any]:
   return symmetry.compose
 
 
+LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def _cast_like(tree, like):
   return jax.tree_util.tree_map(
     lambda a, b: jnp.asarray(a).astype(jnp.asarray(b).dtype), tree, like
   )
+
+
+def upcast(tree: Any) -> Any:
+  """``tree`` with its bfloat16/float16 leaves in float32, the teleport's compute dtype.
+
+  For optimizer states as for parameters: a state kept in bfloat16 (optax's
+  moments follow the parameters' dtype by default) is read in float32 where a
+  teleport computes with it; integer leaves (counts) and wider leaves are
+  unchanged. The caller casts results back where they leave the teleport
+  (``optax.tree.cast_like``).
+  """
+
+  def up(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) in LOW_PRECISION:
+      return jnp.asarray(x).astype(jnp.float32)
+    return x
+
+  return jax.tree_util.tree_map(up, tree)
 
 
 def transport_cotangent(
@@ -81,6 +103,8 @@ def transport_cotangent(
 
   Returns :math:`D\phi_g(w)^{-\top} c`, so that the gradient of any
   ``g``-invariant loss at ``params`` maps to its gradient at ``new_params``.
+  bfloat16/float16 inputs are transported in float32 and the result is
+  rounded once, to the cotangent's dtype.
   For data-free groups this is the vector-Jacobian product of
   ``w' -> g^{-1} . w'`` at ``new_params``; for data-dependent groups
   (``symmetry.needs_data``) it solves :math:`D\phi_g(w)^\top c' = c` by
@@ -108,6 +132,7 @@ def transport_cotangent(
     >>> c[0][:, 0].tolist(), c[1][0].tolist()
     ([0.5, 1.0, 2.0], [2.0, 1.0, 0.5])
   """
+  params, new_params = upcast(params), upcast(new_params)
   c = _cast_like(cotangent, params)
   inv = symmetry.inverse(g)
   _, vjp_inverse = jax.vjp(lambda p: symmetry.act(p, inv, data), new_params)
@@ -181,6 +206,8 @@ def transport_state(
     >>> (moved[0].nu[1] / state[0].nu[1]).tolist()
     [[4.0, 1.0, 0.25]]
   """
+  # in the compute dtype: a bfloat16 state is transported in float32 and rounded once
+  params, new_params = upcast(params), upcast(new_params)
   factors = _second_moment_factors(symmetry, params, new_params, g, data)
   known = tuple(set(FIRST_MOMENT_FIELDS) | set(SECOND_MOMENT_FIELDS))
 
@@ -199,7 +226,7 @@ def transport_state(
         value = getattr(node, name)
         if _same_structure(value, params):
           changes[name] = jax.tree_util.tree_map(
-            lambda v, r: v if r is None else (v * jnp.square(r).astype(v.dtype)).astype(v.dtype),
+            lambda v, r: v if r is None else (upcast(v) * jnp.square(r)).astype(v.dtype),
             value,
             factors,
             is_leaf=lambda x: x is None,

@@ -307,3 +307,80 @@ def inline(closed) -> Program:
   run(jaxpr, env)
   prog.outvars = [lookup(env, v) for v in jaxpr.outvars]
   return prog
+
+
+# ------------------------------------------------------- widened evaluation
+LOW_PRECISION = frozenset({jax.numpy.dtype(jax.numpy.bfloat16), jax.numpy.dtype(jax.numpy.float16)})
+# equation parameters that name the dtype of a result
+_DTYPE_PARAMS = frozenset({"new_dtype", "dtype", "preferred_element_type", "out_dtype"})
+# primitives whose meaning depends on the bit layout: no wider equivalent
+_BIT_PRIMITIVES = frozenset({"bitcast_convert_type", "random_bits", "random_wrap", "threefry2x32"})
+
+
+def _is_low(dtype) -> bool:
+  try:
+    return jax.numpy.dtype(dtype) in LOW_PRECISION
+  except TypeError:
+    return False
+
+
+def widenable(prog: Program) -> bool:
+  """Whether :func:`widened` can evaluate ``prog``: no loops, no bit-level primitives."""
+  for e in prog.eqns:
+    if e.primitive in LOOPS or e.primitive in _BIT_PRIMITIVES:
+      return False
+    if any(_is_jaxpr(v) for v in e.params.values()):
+      return False
+  return True
+
+
+def widened(prog: Program, dtype=jax.numpy.float32) -> Callable[..., list]:
+  """``prog`` as a function with every bfloat16/float16 value computed in ``dtype``.
+
+  The program's arithmetic is unchanged; only its rounding is: inputs,
+  constants and literals of a low-precision dtype are cast up, casts down to
+  one become casts to ``dtype``, results requested in one (``iota``,
+  ``preferred_element_type``) come in ``dtype``, and ``reduce_precision`` is
+  the identity. A check of a symmetry then measures the program's exact
+  arithmetic to float32 rounding instead of bfloat16's. Check
+  :func:`widenable` first.
+
+  Args:
+    prog: an inlined program (:func:`inline`).
+    dtype: the wider floating dtype.
+
+  Returns:
+    ``fn(*leaves) -> [outputs]``, leaves in ``prog.invars`` order.
+  """
+  wide = jax.numpy.dtype(dtype)
+
+  def up(x):
+    x = jax.numpy.asarray(x)
+    return x.astype(wide) if x.dtype in LOW_PRECISION else x
+
+  def const(c: Const):
+    dt = getattr(c.aval, "dtype", None)
+    return up(jax.numpy.asarray(c.value, dt))
+
+  def param(key, value):
+    if key in _DTYPE_PARAMS and value is not None and _is_low(value):
+      return wide
+    return value
+
+  def fn(*leaves) -> list:
+    env: dict[int, Any] = {i: up(x) for i, x in zip(prog.invars, leaves)}
+    for i, value in prog.consts.items():
+      env[i] = up(value)
+    for e in prog.eqns:
+      ins = [const(x) if isinstance(x, Const) else env[x] for x in e.invars]
+      if e.primitive == "reduce_precision":
+        outs = ins
+      else:
+        prim = e.eqn.primitive
+        out = prim.bind(*ins, **{k: param(k, v) for k, v in e.params.items()})
+        outs = list(out) if prim.multiple_results else [out]
+      for i, x in zip(e.outvars, outs):
+        env[i] = x
+    return [const(v) if isinstance(v, Const) else env[v] for v in prog.outvars]
+
+  return fn
