@@ -2,6 +2,7 @@
 
 import math
 import os
+import tempfile
 
 # The suite is compile-bound (hundreds of small jitted programs, each run a few
 # times): compile without XLA's expensive backend optimisations. This changes
@@ -9,6 +10,10 @@ import os
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
+# The suite never fetches MNIST (test_mnist_download.py serves its own files on
+# 127.0.0.1) and never reads a user's cached copy: every run sees the same data.
+os.environ["TELEPORT_JAX_NO_DOWNLOAD"] = "1"
+os.environ["TELEPORT_JAX_CACHE"] = tempfile.mkdtemp(prefix="teleport_jax_test_cache_")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -10,8 +10,9 @@ starts to rise while the training loss still falls, and whether teleporting
 makes this happen earlier.
 
 Data: MNIST if ``--data-dir`` (or ``$TELEPORT_JAX_MNIST_DIR``) holds the IDX
-files, else scikit-learn's bundled 8x8 digits (see
-:mod:`teleport_jax.experiments.data`); nothing is downloaded.
+files, or the user's cache does, or it can be fetched (checksum-verified;
+``--no-download`` turns that off), else scikit-learn's bundled 8x8 digits (see
+:mod:`teleport_jax.experiments.data`).
 
 Teleport settings (chosen and measured for this experiment, not taken from the
 paper):
@@ -328,7 +329,11 @@ def run(config: common.RunConfig, progress=None, settings: Settings | None = Non
   """
   s = settings or default_settings(config, _dataset_name(config))
   ds = data_lib.load_classification_data(
-    config.data_dir, max_train=s.max_train, max_val=s.max_val, seed=0
+    config.data_dir,
+    max_train=s.max_train,
+    max_val=s.max_val,
+    seed=0,
+    source=config.data_source,
   )
   results = {m: run_method(m, ds, s, progress) for m in METHODS}
   runs = {}
