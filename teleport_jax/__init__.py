@@ -75,6 +75,7 @@ from teleport_jax._src.state_transport import transport_cotangent
 from teleport_jax._src.state_transport import transport_state
 from teleport_jax._src.symmetry import Symmetry
 from teleport_jax._src.transform import TeleportState
+from teleport_jax._src.transform import TeleportWarning
 from teleport_jax._src.transform import teleport_due
 from teleport_jax._src.transform import with_teleport
 
@@ -121,6 +122,7 @@ __all__ = (
   "TeleportInfo",
   "TeleportState",
   "TeleportStatus",
+  "TeleportWarning",
   "as_activation",
   "as_objective",
   "as_schedule",

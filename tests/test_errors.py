@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_mlp
 from test_solver import loss
 from test_solver import published_problem
 
@@ -129,3 +130,70 @@ def test_layout_and_variant_arguments():
   x = jax.random.normal(jax.random.key(0), (2, 3, 4))
   with pytest.raises(ValueError, match="data: the network inputs must be a 2-D array"):
     SYM.validate(published_problem(0)[0], x)
+
+
+# ------------------------------------------------------- configuration errors
+def test_teleport_error_is_one_class_and_a_value_error():
+  from teleport_jax._src import solver
+
+  assert tj.TeleportError is solver.TeleportError
+  assert issubclass(tj.TeleportError, ValueError)
+
+
+@pytest.mark.parametrize("throw", [None, True], ids=["default", "throw"])
+def test_a_group_that_is_not_a_symmetry_raises_teleport_error_eagerly(throw):
+  # GL between the layers of a LeakyReLU network is not a symmetry of its loss
+  # (on the published problem every pre-activation is positive: a random one)
+  params = random_mlp(jax.random.key(2), (5, 6, 7, 8), jnp.float32)
+  data = (
+    jax.random.normal(jax.random.key(3), (5, 4)),
+    jax.random.normal(jax.random.key(4), (8, 4)),
+  )
+  with pytest.raises(tj.TeleportError, match="NOT_A_SYMMETRY: .*not a symmetry of this loss"):
+    tj.teleport(loss, params, data, symmetry=tj.LinearGL(), num_steps=2, throw=throw)
+  with pytest.raises(ValueError, match="not a symmetry of this loss"):
+    tj.teleport(loss, params, data, symmetry=tj.LinearGL(), num_steps=2, throw=throw)
+
+
+def test_with_teleport_next_to_other_chain_links_raises_teleport_error():
+  params, data = published_problem(0)
+  vf = lambda p, x, y: loss(p, (x, y))  # noqa: E731
+  opt = optax.chain(optax.clip_by_global_norm(1.0), tj.with_teleport(optax.sgd(0.1), SYM, 5))
+  state = opt.init(params)
+  grads = jax.grad(vf)(params, *data)
+  with pytest.raises(tj.TeleportError, match="with_teleport is link .*optax.chain.*outermost"):
+    opt.update(grads, state, params, value_fn=vf, x=data[0], y=data[1])
+
+
+def test_optimizer_lookahead_without_an_optimizer_raises_teleport_error():
+  params, data = published_problem(0)
+  with pytest.raises(tj.TeleportError, match="optimizer_lookahead needs the optimizer"):
+    tj.teleport(loss, params, data, symmetry=SYM, objective=tj.optimizer_lookahead(), num_steps=1)
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky_relu", "identity", "tanh", "asinh"])
+@pytest.mark.parametrize("symmetry", [tj.DataDependentGL, tj.PositiveRescaling])
+def test_an_uncalled_activation_factory_says_to_call_it(name, symmetry):
+  factory = getattr(tj, name)
+  pattern = (
+    rf"activation must be a teleport_jax.Activation; tj\.{name} is a factory: pass tj\.{name}\("
+  )
+  with pytest.raises(TypeError, match=pattern):
+    symmetry(activation=factory)
+
+
+@pytest.mark.parametrize(
+  "bad_loss,what",
+  [
+    (lambda p, d: jnp.sum((d[1] - p[2] @ p[1] @ p[0] @ d[0]) ** 2, axis=0), r"shape \(4,\)"),
+    (lambda p, d: (loss(p, d), loss(p, d)), "a tuple of 2"),
+    (lambda p, d: jnp.int32(3), "dtype int32"),
+  ],
+  ids=["vector", "tuple", "integer"],
+)
+def test_a_loss_that_is_not_a_scalar_float_raises_type_error_naming_loss_fn(bad_loss, what):
+  params, data = published_problem(0)
+  with pytest.raises(TypeError, match=f"loss_fn must return a scalar floating-point loss.*{what}"):
+    tj.teleport(bad_loss, params, data, symmetry=SYM, num_steps=1)
+  with pytest.raises(TypeError, match="loss_fn"):
+    jax.jit(lambda p, d: tj.teleport(bad_loss, p, d, symmetry=SYM, num_steps=1))(params, data)

@@ -111,14 +111,23 @@ def test_state_policy_keep_or_reset(policy):
 def test_schedules_every_and_first():
   params, data = published_problem(4)
   for schedule, expected in (
-    (tj.every(3), 2),
+    (tj.every(3), 1),
+    (tj.every(3, start=0), 2),
     (tj.first(2), 2),
-    (2, 3),
+    (2, 2),
     (tj.every(2, start=1, stop=5), 2),
   ):
     opt = tj.with_teleport(optax.sgd(1e-5), tj.PositiveRescaling(), schedule=schedule, num_steps=1)
     _, state, _, _ = train(opt, params, data, 6)
     assert int(state.num_teleports) + int(state.num_rejected) == expected, schedule
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_an_int_schedule_first_fires_after_k_steps_not_on_a_fresh_state(k):
+  for schedule in (tj.as_schedule(k), tj.every(k)):
+    fires = [c for c in range(3 * k + 1) if bool(schedule(jnp.asarray(c)))]
+    assert fires == [k, 2 * k, 3 * k]
+  assert bool(tj.every(k, start=0)(jnp.asarray(0)))  # a fresh-state teleport is opt-in
 
 
 def test_changing_schedule_values_does_not_recompile():
@@ -332,11 +341,14 @@ def test_warm_start_begins_the_next_search_at_the_previous_final_step_size(backe
     jax.random.normal(jax.random.key(8), (5, 16), jnp.float64),
     jax.random.normal(jax.random.key(9), (3, 16), jnp.float64),
   )
+  every_step = tj.every(1, start=0)  # the first teleport on the first step
   make = {"lie": tj.Lie, "linesearch": tj.LineSearch}[backend]
   kw = dict(objective=tj.lookahead_loss(0.05, 2), num_steps=3, stability=False)
   kw["solver_backend"] = make(step_size=0.05)
-  warm = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, warm_start=True, **kw)
-  cold = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, **kw)
+  warm = tj.with_teleport(
+    optax.sgd(0.05), tj.PositiveRescaling(), every_step, warm_start=True, **kw
+  )
+  cold = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), every_step, **kw)
   step_w, step_c = make_step(warm), make_step(cold)
   s_w, s_c = warm.init(params), cold.init(params)
   # the first teleport starts at step_size either way
@@ -349,7 +361,7 @@ def test_warm_start_begins_the_next_search_at_the_previous_final_step_size(backe
   # the second starts where the first ended: as a cold search from that step size
   max_step = kw["solver_backend"].max_step_size
   kw["solver_backend"] = make(step_size=min(prev, max_step))
-  restart = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), 1, **kw)
+  restart = tj.with_teleport(optax.sgd(0.05), tj.PositiveRescaling(), every_step, **kw)
   p2_w, s2_w, _ = step_w(p_w, s_w, *data)
   p2_r, _, _ = make_step(restart)(p_w, s_w, *data)
   p2_c, _, _ = step_c(p_w, s_w, *data)

@@ -121,15 +121,30 @@ _NAMED = {
 }
 
 
+# the public factories, by the name they are exported under
+_FACTORIES = {f.__name__: f for f in (leaky_relu, relu, identity, asinh, tanh)}
+
+
 def as_activation(activation: Activation | str, *, argname: str = "activation") -> Activation:
   """Resolves a name such as ``"leaky_relu"`` or ``"relu"`` to an :class:`Activation`.
 
   Raises:
-    TypeError: if ``activation`` is neither a string nor an ``Activation``.
+    TypeError: if ``activation`` is neither a string nor an ``Activation``
+      (for a factory such as ``relu`` passed uncalled, the message says to
+      call it).
     ValueError: if the name is unknown.
   """
   if isinstance(activation, Activation):
     return activation
+  factory = next((name for name, f in _FACTORIES.items() if activation is f), None)
+  if factory is not None:
+    call = {
+      "relu": "tj.relu() (or tj.leaky_relu(0.1))",
+      "leaky_relu": "tj.leaky_relu(0.1) (any slope in (0, 1]; tj.leaky_relu() is 0.01)",
+    }.get(factory, f"tj.{factory}() (or the name {factory!r})")
+    raise TypeError(
+      f"{argname} must be a teleport_jax.Activation; tj.{factory} is a factory: pass {call}."
+    )
   if isinstance(activation, str):
     if activation not in _NAMED:
       raise ValueError(

@@ -33,6 +33,8 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src.errors import TeleportError
+
 LossFn = Callable[..., chex.Array]
 ObjectiveFn = Callable[[LossFn, chex.ArrayTree, Any], tuple[chex.Array, chex.Array]]
 
@@ -72,12 +74,19 @@ class Objective(NamedTuple):
       start point (``context`` is an :class:`ObjectiveContext`). Objectives that
       need the optimizer or a start-point quantity use it; ``fn`` is then only
       used by :meth:`value`.
+    scale: what an inner step's improvement is measured against (the
+      teleport's ``improve_rtol``): ``"value"`` (default), the objective's
+      magnitude; ``"decrease"``, for a look-ahead loss, the decrease
+      ``|value - loss|`` it predicts at the start point, so that a look-ahead
+      over small steps still ranks orbit points by the gain they bring, with a
+      floor at the loss's rounding level so that rounding never decides.
   """
 
   fn: ObjectiveFn
   maximize: bool
   name: str
   prepare: Callable | None = None
+  scale: str = "value"
 
   def value(self, loss_fn, params, data=None, context=None):
     """``(value, loss)`` at ``params`` (a teleport's start point is ``params`` too)."""
@@ -222,7 +231,9 @@ def lookahead_loss(learning_rate: float | None = None, num_steps: int = 1) -> Ob
   k = check_count(num_steps, "num_steps")
   fn = _Lookahead(lr, k)
   lr_name = "1/lambda_max" if lr is None else (f"{lr:g}" if is_concrete(lr) else "traced")
-  return Objective(fn, False, f"lookahead_loss(lr={lr_name}, steps={k})", Prepared(fn))
+  return Objective(
+    fn, False, f"lookahead_loss(lr={lr_name}, steps={k})", Prepared(fn), scale="decrease"
+  )
 
 
 def _finite_cotangents(fn: Callable) -> Callable:
@@ -262,7 +273,7 @@ class _OptimizerLookahead:
   num_steps: int
 
   def __call__(self, loss_fn, params, data):
-    raise ValueError(
+    raise TeleportError(
       "optimizer_lookahead needs the optimizer: use it in teleport_jax.with_teleport, or "
       "pass optimizer= and opt_state= to teleport_jax.teleport."
     )
@@ -276,7 +287,11 @@ class _OptimizerLookahead:
     k = self.num_steps
 
     def bound(params, g):
-      state = jax.lax.stop_gradient(context.state_at(params, g))
+      from teleport_jax._src.state_transport import upcast
+
+      # the state in the teleport's compute dtype (a bfloat16 state in float32, as the
+      # candidate is); each step's state is cast like the carry, whose types are fixed
+      state = upcast(jax.lax.stop_gradient(context.state_at(params, g)))
       loss0 = loss_of(params)
 
       update = _finite_cotangents(lambda g_, s_, p_: opt.update(g_, s_, p_, **kwargs))
@@ -284,8 +299,8 @@ class _OptimizerLookahead:
       def body(_, carry):
         p, s = carry
         grads = jax.grad(loss_of)(p)
-        u, s = update(grads, s, p)
-        return optax.apply_updates(p, u), s
+        u, new_s = update(grads, s, p)
+        return optax.apply_updates(p, u), optax.tree.cast_like(new_s, s)
 
       p, _ = jax.lax.fori_loop(0, k, body, (params, state))
       return loss_of(p), loss0
@@ -309,7 +324,7 @@ def optimizer_lookahead(num_steps: int = 5) -> Objective:
   """
   k = check_count(num_steps, "num_steps")
   fn = _OptimizerLookahead(k)
-  return Objective(fn, False, f"optimizer_lookahead(steps={k})", Prepared(fn))
+  return Objective(fn, False, f"optimizer_lookahead(steps={k})", Prepared(fn), scale="decrease")
 
 
 _NAMED = {
@@ -500,6 +515,7 @@ def stability_constrained(
     objective.maximize,
     f"stability_constrained({objective.name}, lr*|lambda|<={t:g})",
     Prepared(fn) if objective.prepare is not None else None,
+    scale=objective.scale,
   )
 
 

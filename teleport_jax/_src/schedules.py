@@ -48,9 +48,17 @@ def _check_int(name, v, minimum):
     raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}.")
 
 
-def every(k: int, start: int = 0, stop: int | None = None) -> Periodic:
-  """Teleport every ``k`` optimizer steps from step ``start`` (0-based) to ``stop``."""
+def every(k: int, start: int | None = None, stop: int | None = None) -> Periodic:
+  """Teleport every ``k`` optimizer steps from step ``start`` (0-based) to ``stop``.
+
+  ``start`` defaults to ``k``: the first teleport comes after ``k`` optimizer
+  steps, not at step 0, where the optimizer's state is fresh (Adam's first
+  steps are sign-like, so a look-ahead from a fresh state ranks orbit points by
+  rounding). Teleporting a fresh state is opt-in: ``every(k, start=0)``.
+  """
   _check_int("k", k, 1)
+  if start is None:
+    start = k
   _check_int("start", start, 0)
   if stop is not None:
     _check_int("stop", stop, 0)
@@ -122,6 +130,9 @@ def fires_within(schedule: Schedule, count: int, num_steps: int = 1) -> bool:
 
 def as_schedule(schedule) -> Schedule:
   """Resolves an int (every k), a sequence of ints (at steps) or a schedule.
+
+  An int ``k`` is :func:`every` ``(k)``: steps ``k, 2k, ...`` (the first teleport
+  after ``k`` optimizer steps, never on a fresh optimizer state).
 
   Raises:
     ValueError: if ``schedule`` is not understood.

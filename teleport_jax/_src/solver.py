@@ -11,8 +11,8 @@ proposes the steps:
 2. **Symmetry check** (:mod:`teleport_jax._src.check`): the loss must not change
    to first order along random generators, at the parameters and at a
    perturbed copy; otherwise nothing moves (status ``NOT_A_SYMMETRY``; called
-   eagerly, :func:`teleport` raises a ``ValueError`` naming the failing layers
-   and the likely cause).
+   eagerly, :func:`teleport` raises a :class:`TeleportError`, a ``ValueError``,
+   naming the failing layers and the likely cause).
 3. **Guard** on every inner step: kept iff finite, within ``rtol`` of the
    starting loss, improving the objective by more than its rounding level,
    and (with a stability constraint) keeping the optimizer's next steps
@@ -45,6 +45,7 @@ from teleport_jax._src import layouts
 from teleport_jax._src import objectives as obj_lib
 from teleport_jax._src import stability as stab_lib
 from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.errors import TeleportError
 
 
 class TeleportStatus(enum.IntEnum):
@@ -122,10 +123,6 @@ def status_message(status: "int | chex.Array | TeleportInfo") -> str:
   return TeleportStatus(int(status)).message
 
 
-class TeleportError(ValueError):
-  """Raised by :func:`teleport` with ``throw=True`` when a teleport is rejected."""
-
-
 class TeleportInfo(NamedTuple):
   """What a teleport did. All fields are arrays, so the record passes through jit.
 
@@ -155,6 +152,10 @@ class TeleportInfo(NamedTuple):
       without a stability constraint).
     step_sharpness_after: the same at the last kept point.
     stats: the back-end's own statistics.
+    stability_checked: whether a stability bound was applied. ``False`` when it
+      was turned off, or when ``stability="auto"`` met a teleport that was not
+      told which optimizer follows it (no ``optimizer=``/``learning_rate=``):
+      then nothing kept that optimizer's next steps stable.
   """
 
   accepted: chex.Array
@@ -176,6 +177,7 @@ class TeleportInfo(NamedTuple):
   step_sharpness_before: chex.Array
   step_sharpness_after: chex.Array
   stats: dict
+  stability_checked: chex.Array = False
 
   @property
   def message(self) -> str:
@@ -203,12 +205,20 @@ def default_rtol(dtype) -> float:
 def default_improve_rtol(dtype) -> float:
   """Relative improvement an inner step must bring to count: 1e-4 (float32), 1e-6 (float64).
 
-  Far above the objective's rounding level (about 1e-7 and 1e-16), so that two
-  machines, or one device and eight, take the same decisions; and a
+  Relative to the objective's own scale (:attr:`Objective.scale`): its value,
+  or for a look-ahead loss the decrease it predicts at the start point. A
   convergence tolerance: on a flat stretch of the orbit the search stops
   instead of drifting along it with improvements that rounding could reverse.
+  A look-ahead's improvement must also exceed ``IMPROVE_ROUNDING_ULPS`` units
+  of the loss's last place, far above its rounding (so that two machines, or
+  one device and eight, take the same decisions).
   """
   return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+
+
+# A look-ahead's improvement must exceed this many ulps of the loss: the sum of
+# a batch's losses in another order (another device count) differs by a few.
+IMPROVE_ROUNDING_ULPS = 64
 
 
 def _is_low_precision(dtype) -> bool:
@@ -266,6 +276,7 @@ def empty_info(dtype=jnp.float32, solver: backends.Solver | None = None) -> Tele
     num_unstable_steps=zi,
     step_sharpness_before=nan,
     step_sharpness_after=nan,
+    stability_checked=jnp.asarray(False),
     stats=(solver or backends.Lie()).stats_template(dtype),
   )
 
@@ -286,10 +297,16 @@ class TeleportConfig:
       parameters' dtype).
     safeguard: keep only finite, improving steps within ``rtol`` (default).
     check: run the symmetry check before teleporting (default).
-    stability: ``None``/``False`` (off), ``True`` or a
+    stability: ``"auto"`` (default), ``None``/``False`` (off), ``True`` or a
       :class:`~teleport_jax.Stability`: a bound on the optimizer's step
-      sharpness at every kept step. :func:`teleport_jax.with_teleport` turns it
-      on for schedules that teleport more than once unless told otherwise.
+      sharpness at every kept step. ``"auto"``: :class:`~teleport_jax.Stability`
+      ``()`` when the teleport knows the optimizer that follows
+      (:func:`teleport_jax.teleport`'s ``optimizer=``/``learning_rate=``): its
+      step sharpness may not exceed ``max(2, its value before)``; off otherwise,
+      and ``TeleportInfo.stability_checked`` says so. ``True`` without an
+      optimizer bounds the curvature ``|lambda_max(H)|`` by its value before.
+      :func:`teleport_jax.with_teleport` turns it on for schedules that
+      teleport more than once unless told otherwise.
     improve_rtol: relative improvement of the objective an inner step must
       exceed to count (default :func:`default_improve_rtol`: 1e-4 in float32,
       1e-6 in float64), so that decisions do not follow rounding.
@@ -308,13 +325,17 @@ class TeleportConfig:
   rtol: float | None = None
   safeguard: bool = True
   check: bool = True
-  stability: Any = None
+  stability: Any = "auto"
   improve_rtol: float | None = None
   throw: bool | None = None
   check_tol: float | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "objective", obj_lib.as_objective(self.objective))
+    if self.objective.scale not in ("value", "decrease"):
+      raise ValueError(
+        f"objective.scale must be 'value' or 'decrease', got {self.objective.scale!r}."
+      )
     object.__setattr__(self, "solver", backends.as_solver(self.solver))
     object.__setattr__(self, "num_steps", obj_lib.check_count(self.num_steps, "num_steps", 0))
     if self.rtol is not None:
@@ -326,7 +347,8 @@ class TeleportConfig:
       object.__setattr__(self, "improve_rtol", float(self.improve_rtol))
     if self.check_tol is not None:
       object.__setattr__(self, "check_tol", obj_lib.check_positive(self.check_tol, "check_tol"))
-    object.__setattr__(self, "stability", stab_lib.as_stability(self.stability))
+    if not (isinstance(self.stability, str) and self.stability == "auto"):
+      object.__setattr__(self, "stability", stab_lib.as_stability(self.stability))
     for name in ("safeguard", "check"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}.")
@@ -386,12 +408,46 @@ def make_config(
   return cfg
 
 
+def _describe_output(out: Any) -> str:
+  """What a traced loss returned, e.g. ``shape (3,) and dtype float32``."""
+  if isinstance(out, jax.ShapeDtypeStruct):
+    return f"shape {tuple(out.shape)} and dtype {out.dtype.name}"
+  if isinstance(out, (tuple, list)):
+    parts = "; ".join(_describe_output(o) for o in out)
+    return f"a {type(out).__name__} of {len(out)} ({parts})"
+  return f"a {type(out).__name__}"
+
+
+def _check_loss_output(loss_fn, params, data) -> None:
+  """Raises unless ``loss_fn`` returns a real scalar; traces it once (no FLOPs)."""
+  out = jax.eval_shape(lambda p: obj_lib.call_loss(loss_fn, p, data), params)
+  if isinstance(out, jax.ShapeDtypeStruct):
+    if out.shape == () and jnp.issubdtype(out.dtype, jnp.floating):
+      return
+    hint = (
+      "reduce a per-example loss with .mean() or .sum()"
+      if out.shape
+      else "compute it in floating point (gradients need a real float)"
+    )
+  else:
+    hint = "for a loss with auxiliary outputs pass lambda *a: loss_fn(*a)[0]"
+  raise TypeError(
+    f"loss_fn must return a scalar floating-point loss; it returned {_describe_output(out)}: "
+    f"{hint}."
+  )
+
+
 def bind_and_validate(loss_fn, params, data, symmetry, config: TeleportConfig):
-  """Checks the arguments and returns the symmetry bound to this loss (layer order)."""
+  """Checks the arguments and returns the symmetry bound to this loss (layer order).
+
+  The loss is traced once with :func:`jax.eval_shape` (no FLOPs) to check that
+  it returns a scalar floating-point loss.
+  """
   if not callable(loss_fn):
     raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
   params_dtype(params)
-  if config.solver.needs_symmetry or symmetry is not None:
+  needs_symmetry = config.solver.needs_symmetry or symmetry is not None
+  if needs_symmetry:
     if not isinstance(symmetry, sym_lib.Symmetry):
       raise TypeError(
         "symmetry must be a teleport_jax symmetry (PositiveRescaling, LinearGL, "
@@ -399,8 +455,10 @@ def bind_and_validate(loss_fn, params, data, symmetry, config: TeleportConfig):
       )
     if symmetry.needs_data and data is None:
       raise ValueError(f"data is required: {type(symmetry).__name__} depends on the batch.")
+  if needs_symmetry:
     symmetry = symmetry.bind(loss_fn, params, data)
     symmetry.validate(params, data)
+  _check_loss_output(loss_fn, params, data)
   return symmetry
 
 
@@ -522,7 +580,22 @@ def run(
   bstate, aux0 = solver.init(problem, params)
   res = res._replace(moves=res.moves & solver.moves(bstate))
   stability = config.stability
+  if isinstance(stability, str):  # "auto": bound the optimizer that follows, if known
+    stability = stab_lib.Stability() if context is not None else None
   stab0 = stability.init(loss_of, params, context, g0) if stability is not None else None
+
+  by_decrease = objective.scale == "decrease"
+  floor_factor = jnp.asarray(IMPROVE_ROUNDING_ULPS * eps, dtype)
+
+  def improve_by(c: _Carry, value):
+    """How much an inner step must improve the objective to count."""
+    if not by_decrease:
+      return improve_rtol * jnp.maximum(jnp.abs(c.jv), tiny)
+    # a look-ahead loss: against the decrease it predicts from the start point,
+    # never below the loss's rounding level (there rounding would decide)
+    decrease = jnp.abs(c.value0 - loss0)
+    floor = floor_factor * jnp.maximum(jnp.maximum(jnp.abs(loss0), jnp.abs(c.value)), tiny)
+    return jnp.maximum(improve_rtol * decrease, floor).astype(dtype)
 
   def body(i, c: _Carry) -> _Carry:
     first = i == 0
@@ -543,7 +616,7 @@ def run(
     aux = jax.tree_util.tree_map(lambda a: jnp.where(jnp.isfinite(a), a, 0), aux)
     drift = jnp.abs(loss - loss0) / loss_scale
     within = drift <= rtol
-    improved = jv > c.jv + improve_rtol * jnp.maximum(jnp.abs(c.jv), tiny)
+    improved = jv > c.jv + improve_by(c, value)
     ok = finite & within & improved & feasible if config.safeguard else finite & feasible
     stab = c.stab
     stable = jnp.asarray(True)
@@ -689,6 +762,7 @@ def run(
     num_unstable_steps=out.n_unstable,
     step_sharpness_before=(nan if stab0 is None else stab0.sigma0.astype(dtype)),
     step_sharpness_after=(nan if out.stab is None else out.stab.sigma.astype(dtype)),
+    stability_checked=jnp.asarray(stability is not None),
     stats={k: jnp.asarray(v, dtype) for k, v in stats.items()},
   )
   g_out = None
@@ -732,6 +806,7 @@ def teleport(
   throw: bool | None = None,
   optimizer: optax.GradientTransformation | None = None,
   opt_state: optax.OptState | None = None,
+  learning_rate: float | None = None,
 ) -> tuple[chex.ArrayTree, TeleportInfo]:
   r"""Moves ``params`` along the orbit of ``symmetry`` to optimise an objective.
 
@@ -745,14 +820,27 @@ def teleport(
   loss within ``rtol``; ``info.status`` says what happened (see
   :class:`TeleportStatus`).
 
+  **Tell it what runs next.** With ``optimizer=`` and ``opt_state=`` (any
+  optax optimizer and its state at ``params``), or ``learning_rate=`` for plain
+  gradient descent, the default objective is the loss after 5 steps of *that*
+  optimizer (:func:`teleport_jax.optimizer_lookahead`) and the stability bound
+  (on by default) keeps its step sharpness at most ``max(2, its value
+  before)``, at every call: repeated teleports in a training loop then cannot
+  push a fixed-step optimizer past its stability limit;
+  ``info.step_sharpness_before`` and ``_after`` report it. Without either, the
+  objective simulates gradient steps of ``1/lambda_max``, no bound applies
+  (a step sharpness needs a step size) and ``info.stability_checked`` is
+  ``False``: ``stability=True`` then keeps the curvature ``|lambda_max(H)|``
+  from rising, at the price of refusing most moves.
+
   Settings come from ``config`` (a :class:`TeleportConfig`) or the keyword
-  shortcuts, which override it: ``objective`` (default ``"lookahead"``: the
-  loss after 5 gradient steps of size ``1/lambda_max``, a bounded objective),
-  ``solver`` (``"lie"``), ``num_steps`` (10), ``rtol``
+  shortcuts, which override it: ``objective`` (default ``"lookahead"``, see
+  above; bounded), ``solver`` (``"lie"``), ``num_steps`` (10), ``rtol``
   (:func:`default_rtol` of the parameters' dtype), ``safeguard`` (``True``),
-  ``stability`` (off), ``check`` (``True``), ``throw`` (``None``) and the Lie
-  back-end's ``step_size`` (0.1), ``normalize`` (``True``),
-  ``max_step_size`` (0.5). Numbers may be Python, NumPy or JAX scalars.
+  ``stability`` (``"auto"``, see above; ``False`` turns it off), ``check``
+  (``True``), ``throw`` (``None``) and the Lie back-end's ``step_size`` (0.1),
+  ``normalize`` (``True``), ``max_step_size`` (0.5). Numbers may be Python,
+  NumPy or JAX scalars.
 
   Args:
     loss_fn: ``loss_fn(params, data) -> scalar`` (``loss_fn(params)`` when
@@ -769,19 +857,23 @@ def teleport(
     objective, solver, num_steps, step_size, normalize, safeguard,
       max_step_size, rtol, stability, check, throw: shortcuts for the fields of
       ``config`` and of the Lie back-end.
-    optimizer: the optax optimizer that will run after the teleport (for
-      :func:`teleport_jax.optimizer_lookahead` and the stability bound).
-    opt_state: its state at ``params``.
+    optimizer: the optax optimizer that will run after the teleport: the
+      default objective simulates it and the stability bound uses its step.
+    opt_state: its state at ``params`` (required with ``optimizer``).
+    learning_rate: shortcut for ``optimizer=optax.sgd(learning_rate)`` with its
+      state: the step size of the plain gradient descent that follows.
 
   Returns:
     ``(new_params, info)``; ``new_params`` has the structure and dtypes of
     ``params``; ``info`` is a :class:`TeleportInfo`.
 
   Raises:
-    TypeError, ValueError: for bad arguments, before any computation; called
-      eagerly, also when the group is not a symmetry of the loss (unless
-      ``throw=False``), naming the failing layers and the likely cause.
-    TeleportError: with ``throw=True``, for any rejected teleport (eagerly).
+    TypeError, ValueError: for bad arguments, before any computation (a
+      ``TypeError`` naming ``loss_fn`` if it does not return a floating-point
+      scalar).
+    TeleportError: a ``ValueError``; called eagerly, when the group is not a
+      symmetry of the loss (unless ``throw=False``), naming the failing layers
+      and the likely cause; with ``throw=True``, for any rejected teleport.
 
   Examples:
     >>> import jax, jax.numpy as jnp, teleport_jax as tj
@@ -816,9 +908,19 @@ def teleport(
     )
   if optimizer is not None and opt_state is None:
     raise ValueError("opt_state is required with optimizer= (the state at params).")
+  if learning_rate is not None:
+    if optimizer is not None:
+      raise ValueError(
+        "pass optimizer= and opt_state=, or learning_rate= (plain gradient descent), not both."
+      )
+    learning_rate = obj_lib.check_positive(learning_rate, "learning_rate")
+    optimizer = gradient_descent(learning_rate)
+    opt_state = optimizer.init(params)
   if optimizer is not None:
     optimizer = optax.with_extra_args_support(optimizer)
-  traced = _has_tracer((params, data, opt_state))
+    if objective is None and config.objective.name.startswith("lookahead_loss(lr=1/"):
+      config = dataclasses.replace(config, objective=obj_lib.optimizer_lookahead(5))
+  traced = _has_tracer((params, data, opt_state, learning_rate))
   static = dataclasses.replace(config, throw=None)  # raising happens outside: no recompile
   if traced or not _hashable(static):
     new_params, info = _run_static(
@@ -831,6 +933,31 @@ def teleport(
   if not traced:
     _raise_if_asked(info, config, loss_fn, params, data, symmetry)
   return new_params, info
+
+
+@dataclasses.dataclass(frozen=True)
+class _GDInit:
+  def __call__(self, params):
+    del params
+    return optax.EmptyState()
+
+
+@dataclasses.dataclass(frozen=True)
+class _GDUpdate:
+  learning_rate: Any
+
+  def __call__(self, updates, state, params=None, **extra_args):
+    del params, extra_args
+    return optax.tree.scale(-self.learning_rate, updates), state
+
+
+def gradient_descent(learning_rate) -> optax.GradientTransformationExtraArgs:
+  """``optax.sgd(learning_rate)`` that compares and hashes by value.
+
+  Equal learning rates give equal transformations, so repeated
+  :func:`teleport` calls with ``learning_rate=`` share one compiled program.
+  """
+  return optax.GradientTransformationExtraArgs(_GDInit(), _GDUpdate(learning_rate))
 
 
 def _hashable(x) -> bool:
@@ -847,7 +974,8 @@ def _raise_if_asked(info, config, loss_fn, params, data, symmetry):
     loss_of = lambda p: obj_lib.call_loss(loss_fn, p, data)  # noqa: E731
     dtype = compute_dtype(params_dtype(params))
     tol = config.check_tol or check_lib.default_check_tol(dtype)
-    raise ValueError(check_lib.diagnose(loss_of, symmetry, _upcast(params), data, tol=tol))
+    diagnosis = check_lib.diagnose(loss_of, symmetry, _upcast(params), data, tol=tol)
+    raise TeleportError(f"{status.name}: {diagnosis}")
   if config.throw and status != TeleportStatus.SUCCESSFUL:
     raise TeleportError(f"{status.name}: {status.message}")
 

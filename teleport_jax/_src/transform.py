@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import Literal
@@ -133,27 +134,70 @@ def _repeats(schedule: sched_lib.Schedule) -> bool:
   return stop - start > period
 
 
-def _check_chain_position() -> None:
-  """Raises if this update runs inside an ``optax.chain`` next to other links.
+class TeleportWarning(UserWarning):
+  """A :func:`with_teleport` configuration that rejects every teleport it attempts."""
+
+
+# Statuses that depend on the configuration, not on the point: once seen, every
+# later teleport of the same optimizer would end the same way.
+_CONFIGURATION_STATUSES = (
+  solver.TeleportStatus.NOT_A_SYMMETRY,
+  solver.TeleportStatus.TRANSFORMED_UPDATES,
+  solver.TeleportStatus.NOTHING_TO_MOVE,
+)
+
+
+def _warn_if_configuration(status) -> None:
+  """Host side of the teleport branch's callback: says a never-teleporting setup out loud.
+
+  Python's warning registry shows each message once per place, so a training
+  loop gets one warning, not one per teleport.
+  """
+  status = solver.TeleportStatus(int(status))
+  if status in _CONFIGURATION_STATUSES:
+    warnings.warn(
+      f"with_teleport rejected a teleport with status {status.name}: {status.message}. "
+      "This depends on the configuration, not on the parameters, so every teleport of "
+      "this optimizer will be rejected the same way (counted in state.num_rejected).",
+      TeleportWarning,
+      stacklevel=1,
+    )
+
+
+def _chain_links(local: dict) -> list[tuple[str, Callable]] | None:
+  """The ``(name, update)`` links of an ``optax.chain``/``named_chain`` frame's locals."""
+  fns = local.get("update_fns")
+  if isinstance(fns, (tuple, list)):  # optax.chain
+    return [(str(i + 1), f) for i, f in enumerate(fns)]
+  transforms = local.get("transforms")
+  if isinstance(transforms, (tuple, list)) and all(
+    isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str) for t in transforms
+  ):  # optax.named_chain: (name, transformation) pairs
+    return [(repr(name), getattr(tx, "update", None)) for name, tx in transforms]
+  return None
+
+
+def _check_chain_position(update_fn: Callable) -> None:
+  """Raises if ``update_fn`` runs inside an ``optax.chain``/``named_chain`` next to other links.
 
   A link before ``with_teleport`` would be bypassed at a teleport step (the
   optimizer step is taken from the gradient re-evaluated at the teleported
   point); a link after it would rescale the jump ``w' - w``. Detected at
-  trace time from the calling ``optax.chain``.
+  trace time from the calling optax combinator's frame.
   """
-  frame = sys._getframe(1)
+  frame = sys._getframe(2)
   depth = 0
   while frame is not None and depth < 12:
     code = frame.f_code
     filename = code.co_filename.replace("\\", "/")
     if code.co_name == "update_fn" and "/optax/" in filename and "comb" in filename:
-      local = frame.f_locals
-      fns, fn = local.get("update_fns"), local.get("fn")
-      if fns is not None and fn is not None and len(fns) > 1:
-        position = [f is fn for f in fns].index(True) if any(f is fn for f in fns) else None
-        if position is not None:
-          raise ValueError(
-            f"with_teleport is link {position + 1} of {len(fns)} of an optax.chain: at a "
+      links = _chain_links(frame.f_locals)
+      if links is not None and len(links) > 1:
+        mine = [name for name, f in links if f is update_fn]
+        if mine:
+          kind = "optax.chain" if "update_fns" in frame.f_locals else "optax.named_chain"
+          raise solver.TeleportError(
+            f"with_teleport is link {mine[0]} of the {len(links)} links of an {kind}: at a "
             "teleport step the links before it would be bypassed (the step is taken from "
             "the gradient at the teleported point) and the links after it would rescale "
             "the teleport's jump. Make it the outermost transformation and put the other "
@@ -397,7 +441,7 @@ def with_teleport(
         "value_fn must be passed to update (value_fn(params, **batch) -> loss), "
         "following optax's convention for transformations that need the loss."
       )
-    _check_chain_position()
+    _check_chain_position(update_fn)
     teleport = extra_args.pop("teleport", None)
     if teleport is not None and not isinstance(teleport, (bool, np.bool_)):
       raise TypeError(
@@ -505,6 +549,7 @@ def with_teleport(
       info = jax.tree_util.tree_map(
         lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, state.info
       )
+      jax.debug.callback(_warn_if_configuration, info.status)
       inner_updates, inner_state = optimizer.update(
         grads, moved_inner, new_params, value_fn=value_fn, **extra_args
       )

@@ -96,7 +96,8 @@ def _time(fn, *args, repeats: int = 5, min_sample_s: float = 5e-3) -> float:
 
 def _teleport_fn(loss, backend: str, symmetry, objective, num_steps: int):
   """A jitted ``(params, data) -> (new_params, info)`` for one back-end."""
-  kwargs = dict(objective=objective, num_steps=num_steps)
+  # one teleport per start point: no stability bound, as in the published protocol
+  kwargs = dict(objective=objective, num_steps=num_steps, stability=False)
   if backend == "lie":
     kwargs.update(symmetry=symmetry, solver=tj.Lie(step_size=0.1))
   else:
@@ -200,7 +201,9 @@ def run_classification(config, seeds, epochs, progress=None) -> dict:
   """SGD with teleports on the first minibatch of each of the first 3 epochs."""
   progress = progress or common.NullProgress()
   s = cls_lib.Settings(epochs=epochs, seeds=tuple(seeds))
-  ds = data_lib.load_classification_data(config.data_dir, max_train=5000, max_val=5000, seed=0)
+  ds = data_lib.load_classification_data(
+    config.data_dir, max_train=5000, max_val=5000, seed=0, source=config.data_source
+  )
   x_tr, y_tr = jnp.asarray(ds.x_train, jnp.float32), jnp.asarray(ds.y_train, jnp.int32)
   x_va, y_va = jnp.asarray(ds.x_val, jnp.float32), jnp.asarray(ds.y_val, jnp.int32)
   bs = min(s.batch_size, len(ds.y_train))

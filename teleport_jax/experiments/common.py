@@ -50,6 +50,9 @@ class RunConfig:
     quick: reduced seeds/epochs (about 2 minutes on 2 CPU cores in total).
     out_dir: where plots and ``summary.json`` go.
     data_dir: directory with MNIST IDX files (optional).
+    data_source: where ``data_dir`` came from (the user, the cache, a download)
+      or, without it, why MNIST is not used; it goes into the data set's note
+      (see :func:`teleport_jax.experiments.data.locate_mnist`).
     text: a text file for the character-level workloads (default: the text that
       ships with CPython, ``pydoc_data.topics``).
     retune: tune the workloads' methods again instead of using the stored values.
@@ -60,6 +63,7 @@ class RunConfig:
   quick: bool = False
   out_dir: Path = Path("runs")
   data_dir: Path | None = None
+  data_source: str | None = None
   text: Path | None = None
   retune: bool = False
   mode: str | None = None
@@ -173,6 +177,7 @@ def teleport_config(
     improve_rtol=improve_rtol,
     safeguard=safeguard,
     check=check,
+    stability=None,  # each experiment states its own (with_teleport's stability=...)
   )
 
 
