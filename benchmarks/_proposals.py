@@ -29,8 +29,8 @@ import jax.scipy.linalg as jsl
 import numpy as np
 
 import teleport_jax as tj
-from teleport_jax._src import layouts
-from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.symmetries import layouts
 
 
 def _augment(h):

@@ -47,8 +47,8 @@ import jax  # noqa: E402
 import teleport_jax as tj  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from benchmarks import scaling  # noqa: E402
-from teleport_jax._src import backends as backends_lib  # noqa: E402
-from teleport_jax._src import objectives as obj_lib  # noqa: E402
+from teleport_jax._src.objectives import objectives as obj_lib  # noqa: E402
+from teleport_jax._src.solver import backends as backends_lib  # noqa: E402
 
 SETTINGS = {
   "smoke": dict(width=16, depth=2, batch=4, n0=1, n1=2, repeats=3, min_sample_s=0.002),

@@ -39,7 +39,7 @@ import jax  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
 from teleport_jax import models  # noqa: E402
-from teleport_jax._src.discovery import find_symmetries  # noqa: E402
+from teleport_jax._src.discovery.discovery import find_symmetries  # noqa: E402
 
 SETTINGS = {
   "smoke": dict(

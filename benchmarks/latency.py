@@ -10,7 +10,7 @@ the squared gradient norm). Three ways of running it, timed side by side:
 * ``tj.teleport call``: the public function called as a user does (argument
   validation and finiteness checks on the host, then the cached executable);
 * ``teleport (eager)``: the solver's core
-  ``teleport_jax._src.solver.teleport_with_grad`` under ``jax.disable_jit()``,
+  ``teleport_jax._src.solver.solver.teleport_with_grad`` under ``jax.disable_jit()``,
   which also runs ``lax.fori_loop`` as a Python loop: every primitive is
   dispatched one by one. That it really runs eagerly is checked by counting
   the calls of the loss function (a compiled loop calls it only while tracing);
@@ -26,7 +26,7 @@ import numpy as np
 
 import teleport_jax as tj
 from benchmarks import _common as C
-from teleport_jax._src import solver
+from teleport_jax._src.solver import solver
 from teleport_jax.experiments import regression
 
 NUM_STEPS = 8

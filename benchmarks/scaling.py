@@ -26,7 +26,7 @@ would save.
 Hidden widths are all equal to ``width``. (jaxlib 0.10.x's batched CPU LAPACK
 kernels can deadlock a 2-thread pool when two run at once; the library
 therefore does not batch per-layer factorisations on the CPU backend, see
-``teleport_jax._src.symmetry.batched_over_equal_shapes``.)
+``teleport_jax._src.symmetries.symmetry.batched_over_equal_shapes``.)
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import optax
 import teleport_jax as tj
 from benchmarks import _common as C
 from benchmarks import _proposals as P
-from teleport_jax._src import data_gl
-from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.symmetries import data_gl
 
 ACT = tj.leaky_relu(0.1)
 DTYPE = jnp.float32

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from teleport_jax._src import paths as paths_lib
+from teleport_jax._src.core import paths as paths_lib
 
 FRAMEWORKS = ("linen", "nnx")
 ACTIVATIONS: dict[str, Callable[[chex.Array], chex.Array]] = {

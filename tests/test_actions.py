@@ -185,7 +185,7 @@ def test_equal_width_layers_are_batched_in_one_call():
     calls.append(a.shape)
     return a
 
-  tj_sym = pytest.importorskip("teleport_jax._src.symmetry")
+  tj_sym = pytest.importorskip("teleport_jax._src.symmetries.symmetry")
   arrays = [jnp.ones((4, 4)), 2 * jnp.ones((4, 4)), jnp.ones((3, 3))]
   out = tj_sym.batched_over_equal_shapes(fn, arrays, batch=True)
   assert [o.shape for o in out] == [(4, 4), (4, 4), (3, 3)]
@@ -198,7 +198,7 @@ def test_equal_width_layers_are_batched_in_one_call():
 
 def test_layers_are_not_batched_on_cpu_by_default():
   calls = []
-  tj_sym = pytest.importorskip("teleport_jax._src.symmetry")
+  tj_sym = pytest.importorskip("teleport_jax._src.symmetries.symmetry")
   tj_sym.batched_over_equal_shapes(lambda a: calls.append(a) or a, [jnp.ones((4, 4))] * 2)
   assert len(calls) == (2 if jax.default_backend() == "cpu" else 1)
 

@@ -20,11 +20,11 @@ from conftest import mlp_apply
 from flax import nnx
 
 import teleport_jax as tj
-from teleport_jax._src import backends
-from teleport_jax._src.levelset import LevelSet
-from teleport_jax._src.nullspace import NullSpace
-from teleport_jax._src.nullspace import held_out_drift
-from teleport_jax._src.nullspace import nullspace_report
+from teleport_jax._src.solver import backends
+from teleport_jax._src.solver.levelset import LevelSet
+from teleport_jax._src.solver.nullspace import NullSpace
+from teleport_jax._src.solver.nullspace import held_out_drift
+from teleport_jax._src.solver.nullspace import nullspace_report
 
 ACT = tj.leaky_relu(0.1)
 S = tj.TeleportStatus

@@ -134,7 +134,7 @@ def test_layout_and_variant_arguments():
 
 # ------------------------------------------------------- configuration errors
 def test_teleport_error_is_one_class_and_a_value_error():
-  from teleport_jax._src import solver
+  from teleport_jax._src.solver import solver
 
   assert tj.TeleportError is solver.TeleportError
   assert issubclass(tj.TeleportError, ValueError)

@@ -11,7 +11,7 @@ from conftest import random_mlp
 from jax.flatten_util import ravel_pytree
 
 import teleport_jax as tj
-from teleport_jax._src import geometry
+from teleport_jax._src.objectives import geometry
 from teleport_jax.experiments import regression
 
 ACT = tj.leaky_relu(0.1)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import teleport_jax.models as zoo
-from teleport_jax._src import groups
-from teleport_jax._src import paths
+from teleport_jax._src.core import paths
+from teleport_jax._src.symmetries import groups
 
 FRAMEWORKS = ("linen", "nnx")
 

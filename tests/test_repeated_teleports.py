@@ -11,7 +11,7 @@ from test_solver import loss as published_loss
 from test_solver import published_problem
 
 import teleport_jax as tj
-from teleport_jax._src import solver as solver_lib
+from teleport_jax._src.solver import solver as solver_lib
 
 LEAKY = tj.leaky_relu(0.1)
 SYM = tj.DataDependentGL(activation=LEAKY)

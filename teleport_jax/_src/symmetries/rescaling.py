@@ -7,12 +7,12 @@ from typing import Any
 import chex
 from flax import struct
 
-from teleport_jax._src import activations as act_lib
-from teleport_jax._src import groups
-from teleport_jax._src import layouts
-from teleport_jax._src import mlp
-from teleport_jax._src import sites as sites_lib
-from teleport_jax._src import symmetry
+from teleport_jax._src.symmetries import activations as act_lib
+from teleport_jax._src.symmetries import groups
+from teleport_jax._src.symmetries import layouts
+from teleport_jax._src.symmetries import mlp
+from teleport_jax._src.symmetries import sites as sites_lib
+from teleport_jax._src.symmetries import symmetry
 
 
 @struct.dataclass

@@ -29,7 +29,7 @@ then refuses it in its symmetry check.
 
 Examples:
   >>> import teleport_jax as tj, teleport_jax.models as zoo
-  >>> from teleport_jax._src import finders
+  >>> from teleport_jax._src.symmetries import finders
   >>> m = zoo.mlp(widths=(4, 8, 8, 2))
   >>> sym = finders.mlp_chain(m.params, activation="relu")
   >>> [s.name for s in finders.sites(sym)]
@@ -48,11 +48,11 @@ from typing import Any
 import chex
 import jax.numpy as jnp
 
-from teleport_jax._src import activations as act_lib
-from teleport_jax._src import groups as groups_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import sites as sites_lib
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.symmetries import activations as act_lib
+from teleport_jax._src.symmetries import groups as groups_lib
+from teleport_jax._src.symmetries import sites as sites_lib
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 Path = paths_lib.Path
 

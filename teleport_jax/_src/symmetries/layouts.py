@@ -299,7 +299,7 @@ def _positions(params, kernel_paths, call):
 def _format_from_call(params, kernel_paths, call) -> KernelFormat | None:
   """``"in_out"`` if the model contracts the kernels' first axis (``x @ K``), ``"out_in"``
   if their second (``K @ x``); ``None`` if the call does not say."""
-  from teleport_jax._src import tracing
+  from teleport_jax._src.core import tracing
 
   fn, args = call
   try:
@@ -315,7 +315,7 @@ def _format_from_call(params, kernel_paths, call) -> KernelFormat | None:
 
 
 def _order_from_call(params, kernel_paths: list[KeyPath], call) -> list[KeyPath]:
-  from teleport_jax._src import tracing
+  from teleport_jax._src.core import tracing
 
   fn, args = call
   flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
 def _check_positive_int(value: Any, name: str) -> int:

@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.core.precision import upcast
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 # optax state types and their fields that hold running sums of gradients
 # (cotangents) or of squared gradients (elementwise second moments).
@@ -62,32 +63,10 @@ def composer(symmetry: sym_lib.Symmetry) -> Callable[[Any, Any], Any]:
   return symmetry.compose
 
 
-LOW_PRECISION = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
 def _cast_like(tree, like):
   return jax.tree_util.tree_map(
     lambda a, b: jnp.asarray(a).astype(jnp.asarray(b).dtype), tree, like
   )
-
-
-def upcast(tree: Any) -> Any:
-  """``tree`` with its bfloat16/float16 leaves in float32, the teleport's compute dtype.
-
-  For optimizer states as for parameters: a state kept in bfloat16 (optax's
-  moments follow the parameters' dtype by default) is read in float32 where a
-  teleport computes with it; integer leaves (counts) and wider leaves are
-  unchanged. The caller casts results back where they leave the teleport
-  (``optax.tree.cast_like``).
-  """
-
-  def up(x):
-    dtype = getattr(x, "dtype", None)
-    if dtype is not None and jnp.dtype(dtype) in LOW_PRECISION:
-      return jnp.asarray(x).astype(jnp.float32)
-    return x
-
-  return jax.tree_util.tree_map(up, tree)
 
 
 def transport_cotangent(

@@ -50,10 +50,10 @@ import numpy as np
 import optax
 from jax.extend import core as jex_core
 
-from teleport_jax._src import backends
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import tracing
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.core import tracing
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.solver import backends
 
 # call-like primitives whose body is inlined (anything else is evaluated whole)
 _CALLS = frozenset(
@@ -473,7 +473,7 @@ class NullSpace(backends.Solver):
   step size by ``grow`` up to ``max_step_size``, a refused one multiplies it by
   ``shrink``. Layers whose input batch has at least as many rows as the input
   width, biases, norm gains and every other leaf stay fixed bit for bit (see
-  :mod:`teleport_jax._src.nullspace` and :meth:`report` for which layers move).
+  :mod:`teleport_jax._src.solver.nullspace` and :meth:`report` for which layers move).
 
   The loss is unchanged on the teleport batch only; measure the change on
   other data with :func:`teleport_jax.held_out_drift`.
@@ -775,3 +775,6 @@ def held_out_drift(
   after = obj_lib.call_loss(loss_fn, new_params, data)
   tiny = jnp.finfo(jnp.result_type(before, jnp.float32)).tiny
   return jnp.abs(after - before) / jnp.maximum(jnp.abs(before), tiny)
+
+
+backends.SOLVERS["nullspace"] = NullSpace

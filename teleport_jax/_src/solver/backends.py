@@ -45,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,22 +240,12 @@ class Lie(Solver):
     return 1.0
 
 
-def _nullspace() -> Solver:
-  from teleport_jax._src.nullspace import NullSpace
-
-  return NullSpace()
-
-
-def _levelset() -> Solver:
-  from teleport_jax._src.levelset import LevelSet
-
-  return LevelSet()
-
-
+# The back-ends by short name, read by :func:`as_solver` when it is called. The
+# modules that define the other back-ends import this one and register into it
+# (``SOLVERS["nullspace"] = NullSpace``), so this module imports none of them;
+# ``teleport_jax`` imports them all, so every name is there before any call.
 SOLVERS: dict[str, Callable[[], Solver]] = {
   "lie": Lie,
-  "nullspace": _nullspace,
-  "levelset": _levelset,
 }
 
 

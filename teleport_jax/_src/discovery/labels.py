@@ -1,7 +1,7 @@
 r"""Labels on tensor axes: which parameter axes must move together, and how.
 
 The engine behind :func:`teleport_jax.find_symmetries`. It reads a flat program
-(:func:`teleport_jax._src.tracing.inline`) primitive by primitive and keeps, for
+(:func:`teleport_jax._src.core.tracing.inline`) primitive by primitive and keeps, for
 every axis of every tensor, a list of *factors* (an axis of size ``H * d``
 reshaped into heads is the two factors ``H`` and ``d``). A factor has
 
@@ -38,7 +38,7 @@ from fractions import Fraction
 import jax.numpy as jnp
 import numpy as np
 
-from teleport_jax._src import tracing
+from teleport_jax._src.core import tracing
 
 GL, ORTHO, SCALING = "gl", "o", "scaling"
 ALL = frozenset({GL, ORTHO, SCALING})
@@ -536,7 +536,7 @@ def forms_scale(form, k: Fraction) -> tuple:
 
 # ---------------------------------------------------------------- propagation
 class Propagation:
-  """Runs the rules over a :class:`~teleport_jax._src.tracing.Program`.
+  """Runs the rules over a :class:`~teleport_jax._src.core.tracing.Program`.
 
   Attributes:
     labels: the :class:`Labels`.

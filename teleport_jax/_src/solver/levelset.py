@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import backends
-from teleport_jax._src import objectives as obj_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.solver import backends
 
 # a tangent component below this many eps of the objective's gradient is rounding noise
 _NOISE = 1024
@@ -187,3 +187,6 @@ class LevelSet(backends.Solver):
     gradient for the tangent, about two for the Hessian-vector product
     (``second_order``) and one per Newton correction."""
     return 1.0 + 1.0 + (2.0 if self.second_order else 0.0) + self.num_corrections
+
+
+backends.SOLVERS["levelset"] = LevelSet

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from teleport_jax._src import activations as act_lib
-from teleport_jax._src import layouts
-from teleport_jax._src import mlp
-from teleport_jax._src import symmetry
+from teleport_jax._src.symmetries import activations as act_lib
+from teleport_jax._src.symmetries import layouts
+from teleport_jax._src.symmetries import mlp
+from teleport_jax._src.symmetries import symmetry
 
 _INPUT_KEYS = ("inputs", "input", "x", "X", "image", "images", "features")
 

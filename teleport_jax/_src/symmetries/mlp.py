@@ -14,11 +14,11 @@ import dataclasses
 
 import chex
 
-from teleport_jax._src import layouts
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import sites as sites_lib
-from teleport_jax._src import symmetry
+from teleport_jax._src.core import losses
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.symmetries import layouts
+from teleport_jax._src.symmetries import sites as sites_lib
+from teleport_jax._src.symmetries import symmetry
 
 
 def mlp_sites(
@@ -53,7 +53,7 @@ class _LossCall:
   loss_fn: object
 
   def __call__(self, params, data):
-    return obj_lib.call_loss(self.loss_fn, params, data)
+    return losses.call_loss(self.loss_fn, params, data)
 
 
 class MLPGroupMixin:

@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import state_transport
+from teleport_jax._src.core import precision
+from teleport_jax._src.objectives import objectives as obj_lib
 
 
 class StabilityState(NamedTuple):
@@ -96,7 +96,7 @@ class Stability:
     flat, unravel = ravel_pytree(params)
     if context is not None and context.optimizer is not None:
       # the state in the compute dtype, as the candidate is (a bfloat16 state in float32)
-      state = state_transport.upcast(jax.lax.stop_gradient(context.state_at(params, g)))
+      state = precision.upcast(jax.lax.stop_gradient(context.state_at(params, g)))
       kwargs = dict(context.update_kwargs or {})
       opt = context.optimizer
 

@@ -42,11 +42,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import backends
-from teleport_jax._src import groups as groups_lib
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import sites as sites_lib
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.solver import backends
+from teleport_jax._src.symmetries import groups as groups_lib
+from teleport_jax._src.symmetries import sites as sites_lib
 
 
 def _parts(symmetry, params) -> list:

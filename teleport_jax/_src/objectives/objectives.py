@@ -33,15 +33,12 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src.errors import TeleportError
+from teleport_jax._src.core.errors import TeleportError
+from teleport_jax._src.core.losses import LossFn
+from teleport_jax._src.core.losses import call_loss
+from teleport_jax._src.core.precision import upcast
 
-LossFn = Callable[..., chex.Array]
 ObjectiveFn = Callable[[LossFn, chex.ArrayTree, Any], tuple[chex.Array, chex.Array]]
-
-
-def call_loss(loss_fn: LossFn, params: chex.ArrayTree, data: Any) -> chex.Array:
-  """Calls ``loss_fn(params, data)``, or ``loss_fn(params)`` when ``data is None``."""
-  return loss_fn(params) if data is None else loss_fn(params, data)
 
 
 class ObjectiveContext(NamedTuple):
@@ -287,8 +284,6 @@ class _OptimizerLookahead:
     k = self.num_steps
 
     def bound(params, g):
-      from teleport_jax._src.state_transport import upcast
-
       # the state in the teleport's compute dtype (a bfloat16 state in float32, as the
       # candidate is); each step's state is cast like the carry, whose types are fixed
       state = upcast(jax.lax.stop_gradient(context.state_at(params, g)))

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
+from teleport_jax._src.core.precision import LOW_PRECISION
+
 # primitives that only move, reshape or cast a tensor: a leaf seen through them
 # is still "that leaf"
 VIEW_PRIMITIVES = frozenset(
@@ -310,7 +312,6 @@ def inline(closed) -> Program:
 
 
 # ------------------------------------------------------- widened evaluation
-LOW_PRECISION = frozenset({jax.numpy.dtype(jax.numpy.bfloat16), jax.numpy.dtype(jax.numpy.float16)})
 # equation parameters that name the dtype of a result
 _DTYPE_PARAMS = frozenset({"new_dtype", "dtype", "preferred_element_type", "out_dtype"})
 # primitives whose meaning depends on the bit layout: no wider equivalent

@@ -34,9 +34,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from teleport_jax._src import groups as groups_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.symmetries import groups as groups_lib
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 Between = Literal[
   "linear", "homogeneous", "rms_norm", "scale_invariant", "bilinear", "rotary", "other"

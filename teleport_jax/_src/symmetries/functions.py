@@ -6,7 +6,7 @@ import chex
 import jax.numpy as jnp
 from flax import struct
 
-from teleport_jax._src import rotation
+from teleport_jax._src.symmetries import rotation
 
 _BOOTH_M = ((1.0, 2.0), (2.0, 1.0))
 _BOOTH_M_INV = ((-1.0 / 3.0, 2.0 / 3.0), (2.0 / 3.0, -1.0 / 3.0))

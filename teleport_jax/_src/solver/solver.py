@@ -8,7 +8,7 @@ proposes the steps:
 1. **Input check**: non-finite parameters, data or loss give a rejected
    teleport (status ``NONFINITE_INPUT``) with the input returned, eagerly and
    under ``jit`` alike (``throw=True`` raises instead).
-2. **Symmetry check** (:mod:`teleport_jax._src.check`): the loss must not change
+2. **Symmetry check** (:mod:`teleport_jax._src.symmetries.check`): the loss must not change
    to first order along random generators, at the parameters and at a
    perturbed copy; otherwise nothing moves (status ``NOT_A_SYMMETRY``; called
    eagerly, :func:`teleport` raises a :class:`TeleportError`, a ``ValueError``,
@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import backends
-from teleport_jax._src import check as check_lib
-from teleport_jax._src import layouts
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import stability as stab_lib
-from teleport_jax._src import symmetry as sym_lib
-from teleport_jax._src.errors import TeleportError
+from teleport_jax._src.core.errors import TeleportError
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.objectives import stability as stab_lib
+from teleport_jax._src.solver import backends
+from teleport_jax._src.symmetries import check as check_lib
+from teleport_jax._src.symmetries import layouts
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
 class TeleportStatus(enum.IntEnum):
@@ -692,7 +692,7 @@ def run(
   new_c = optax.tree.cast_like(cand, orig)
   cand_eval = _upcast(new_c)
   if transport_gradient and track and not symmetry.needs_data:
-    from teleport_jax._src import state_transport
+    from teleport_jax._src.solver import state_transport
 
     loss1 = loss_of(cand_eval)
     grads1 = state_transport.transport_cotangent(

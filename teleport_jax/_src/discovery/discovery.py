@@ -1,7 +1,7 @@
 r"""Finding a model's continuous parameter symmetries from its own program.
 
 :func:`find_symmetries` traces ``apply_fn`` with ``jax.make_jaxpr``, follows
-every tensor axis through the program (:mod:`teleport_jax._src.labels`) to
+every tensor axis through the program (:mod:`teleport_jax._src.discovery.labels`) to
 find which parameter axes must move together and what may lie between them,
 builds a :class:`~teleport_jax.Site` and the largest group the path allows for
 each candidate (``GL`` across linear paths and attention ``q k^T``/``V O``
@@ -18,7 +18,7 @@ reason. :func:`verify` runs the same check on a hand-written symmetry.
 Examples:
   >>> import jax, teleport_jax as tj
   >>> from teleport_jax import models
-  >>> from teleport_jax._src.discovery import find_symmetries
+  >>> from teleport_jax._src.discovery.discovery import find_symmetries
   >>> m = models.mlp((4, 8, 3), "relu")
   >>> sym = find_symmetries(m.apply, m.params, m.inputs)
   >>> sym.dimension, len(sym.sites)
@@ -44,12 +44,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from teleport_jax._src import groups as groups_lib
-from teleport_jax._src import labels as labels_lib
-from teleport_jax._src import paths as paths_lib
-from teleport_jax._src import sites as sites_lib
-from teleport_jax._src import symmetry as sym_lib
-from teleport_jax._src import tracing
+from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.core import tracing
+from teleport_jax._src.discovery import labels as labels_lib
+from teleport_jax._src.symmetries import groups as groups_lib
+from teleport_jax._src.symmetries import sites as sites_lib
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 Path = tuple[str, ...]
 _LEAF_NAMES = frozenset({"kernel", "bias", "scale", "embedding", "weight", "w", "b"})
@@ -255,7 +255,7 @@ def tolerances(dtype) -> tuple[float, float]:
   on small models; a non-symmetry measures ``1e-3`` to ``1``. In bfloat16 the
   rounding alone measures up to a few ``1e-2``, as large as a weak
   non-symmetry: bfloat16/float16 parameters are therefore checked on the
-  same program evaluated in float32 (:func:`teleport_jax._src.tracing.widened`)
+  same program evaluated in float32 (:func:`teleport_jax._src.core.tracing.widened`)
   with the float32 tolerances; the low-precision tolerances serve the
   programs that cannot be widened (loops, bit-level primitives).
   """

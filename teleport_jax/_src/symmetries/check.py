@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from teleport_jax._src import symmetry as sym_lib
-from teleport_jax._src import tracing
+from teleport_jax._src.core import tracing
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
 class CheckResult(NamedTuple):

@@ -18,12 +18,12 @@ import numpy as np
 import optax
 from jax.experimental import shard_alike
 
-from teleport_jax._src import objectives as obj_lib
-from teleport_jax._src import schedules as sched_lib
-from teleport_jax._src import solver
-from teleport_jax._src import stability as stab_lib
-from teleport_jax._src import state_transport
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.integration import schedules as sched_lib
+from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.objectives import stability as stab_lib
+from teleport_jax._src.solver import solver
+from teleport_jax._src.solver import state_transport
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 StatePolicy = Literal["keep", "reset", "transport"]
 STATE_POLICIES = ("keep", "reset", "transport")

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from teleport_jax._src import balancing
-from teleport_jax._src import solver
-from teleport_jax._src import state_transport
-from teleport_jax._src import symmetry as sym_lib
+from teleport_jax._src.solver import balancing
+from teleport_jax._src.solver import solver
+from teleport_jax._src.solver import state_transport
+from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
 class BalancedState(NamedTuple):

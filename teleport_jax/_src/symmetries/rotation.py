@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
-from teleport_jax._src import symmetry
+from teleport_jax._src.symmetries import symmetry
 
 
 class _LatentRotation(symmetry.Symmetry):

@@ -1,0 +1,6 @@
+"""The foundation: the library's error, pytree paths, the jaxpr tracer,
+low-precision dtypes (:mod:`.precision`) and how a loss is called
+(:mod:`.losses`).
+
+Imports nothing from the other subpackages of ``teleport_jax._src``.
+"""
