@@ -52,10 +52,11 @@ import numpy as np
 import optax
 
 import teleport_jax as tj
-from teleport_jax._src.nullspace import held_out_drift
+from teleport_jax._src.solver.nullspace import held_out_drift
 from teleport_jax.experiments import classification as cls_lib
 from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
+from teleport_jax.experiments import plotting
 from teleport_jax.experiments import regression as reg_lib
 
 BACKENDS = ("lie", "nullspace", "levelset")
@@ -418,30 +419,47 @@ def run(config: common.RunConfig, progress=None) -> dict:
   )
 
 
+@plotting.styled
 def _plot(reg, cls, config) -> None:
-  plt = common.plt()
-  fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for i, (m, r) in enumerate(reg.items()):
+  fig, (ax, ax2) = plotting.panels(
+    2,
+    xlabel="epoch",
+    ylabel=["training loss", "cross-entropy"],
+    titles=[
+      "regression (published MLP),\nmean ± std over seeds",
+      "digits classification,\nmean over seeds",
+    ],
+    panel_size=(5.6, 3.8),
+  )
+
+  def label(m):
+    return "no teleport" if m in ("gd", "sgd") else f"teleport: {m} back-end"
+
+  for m, r in reg.items():
     mean, std = common.mean_std(r["losses"])
     x = np.arange(len(mean))
-    label = "gd" if m == "gd" else f"gd + {m} teleport"
-    ax.plot(x, mean, color=f"C{i}", lw=2, label=label)
-    ax.fill_between(x, np.maximum(mean - std, 1e-12), mean + std, color=f"C{i}", alpha=0.2)
-  ax.axvline(reg_lib.TELEPORT_EPOCH, color="0.7", lw=0.8, zorder=0)
+    color = plotting.color(m)
+    ax.plot(x, mean, color=color, label=label(m))
+    ax.fill_between(x, np.maximum(mean - std, 1e-12), mean + std, color=color, alpha=0.2, lw=0)
+    if m != "gd" and reg_lib.TELEPORT_EPOCH < len(mean):  # loss[e]: after the teleport
+      e = reg_lib.TELEPORT_EPOCH
+      plotting.mark_teleports(ax, [e], [mean[e]], color=color)
   ax.set_yscale("log")
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("training loss")
-  ax.set_title("regression (published MLP), mean ± std over seeds", fontsize=10)
-  ax.legend(fontsize=8)
-  for i, (m, r) in enumerate(cls.items()):
+  for m, r in cls.items():
+    color = plotting.color(m)
     for key, ls in (("train_loss", "-"), ("val_loss", "--")):
       mean, _ = common.mean_std(r[key])
-      ax2.plot(np.arange(len(mean)), mean, color=f"C{i}", ls=ls, lw=2, label=f"{m} ({key[:-5]})")
+      x = np.arange(len(mean))
+      ax2.plot(x, mean, color=color, ls=ls, label=label(m) if key == "train_loss" else None)
+      if m != "sgd":  # at the start of these epochs: right after their point
+        at = [e for e in range(CLS_TELEPORT_EPOCHS) if e < len(mean)]
+        plotting.mark_teleports(ax2, x[at], mean[at], color=color)
   ax2.set_yscale("log")
-  ax2.set_xlabel("epoch")
-  ax2.set_ylabel("cross-entropy")
-  ax2.set_title("digits classification: solid train, dashed validation", fontsize=10)
-  ax2.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(config.out_dir / "backends_regression.png", dpi=120)
-  plt.close(fig)
+  plotting.legend(
+    fig,
+    extra=[
+      plotting.proxy("classification: train (solid)"),
+      plotting.proxy("validation (dashed)", ls="--"),
+    ],
+  )
+  plotting.savefig(fig, config.out_dir / "backends_regression.png")

@@ -84,6 +84,7 @@ import optax
 import teleport_jax as tj
 from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
+from teleport_jax.experiments import plotting
 
 ACTIVATION = tj.leaky_relu(0.1)
 METHODS = ("sgd", "sgd_teleport", "sgd_teleport_lookahead")
@@ -506,40 +507,40 @@ def _notes(runs) -> list[str]:
   return notes
 
 
+@plotting.styled
 def _plot(results, ds, s, config) -> None:
-  plt = common.plt()
-  fig, (ax, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
   n = len(s.seeds)
-  for i, (m, r) in enumerate(results.items()):
-    color = f"C{i}"
-    epochs = np.arange(r["train_loss"].shape[1])
-    for key, ls, label in (("train_loss", "-", "train"), ("val_loss", "--", "validation")):
-      center, lo, hi = common.log_band(r[key])
-      ax.plot(epochs, center, color=color, ls=ls, lw=1.8, label=f"{m} ({label})")
-      ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, lw=0)
-    acc = r["val_acc"]
-    ax_acc.plot(epochs, acc.mean(axis=0), color=color, lw=1.8, label=m)
-    ax_acc.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=color, alpha=0.15, lw=0)
-  for e in range(min(s.teleport_epochs, s.epochs)):  # teleports at the start of these epochs
-    for a in (ax, ax_acc):
-      a.axvline(e, color="0.7", lw=0.8, zorder=0)
-  ax.set_yscale("log")
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("cross-entropy")
-  ax.set_title(
-    f"{ds.name}: solid = train, dashed = validation\n(geometric mean over {n} seeds, band "
-    "x/÷ geometric std; grey: teleports)",
-    fontsize=10,
+  teleport_epochs = list(range(min(s.teleport_epochs, s.epochs)))  # at the start of these
+  fig, (ax, ax_acc) = plotting.panels(
+    2,
+    xlabel="epoch",
+    ylabel=["cross-entropy", "validation accuracy"],
+    titles=[
+      f"{ds.name}: loss (geometric mean over {n} seeds,\nband x/÷ geometric std)",
+      f"validation accuracy\n(mean, band: min-max over {n} seeds)",
+    ],
+    panel_size=(5.6, 3.8),
   )
-  ax.legend(fontsize=8)
-  ax_acc.set_xlabel("epoch")
-  ax_acc.set_ylabel("validation accuracy")
+  colors = plotting.colors(list(results))
+  for m, r in results.items():
+    color = colors[m]
+    epochs = np.arange(r["train_loss"].shape[1])
+    for key, ls in (("train_loss", "-"), ("val_loss", "--")):
+      center, lo, hi = common.log_band(r[key])
+      ax.plot(epochs, center, color=color, ls=ls, label=m if key == "train_loss" else None)
+      ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, lw=0)
+      if m != "sgd":  # the teleports at the start of an epoch: right after its point
+        at = [e for e in teleport_epochs if e < len(center)]
+        plotting.mark_teleports(ax, epochs[at], center[at], color=color)
+    acc = r["val_acc"]
+    ax_acc.plot(epochs, acc.mean(axis=0), color=color, label=m)
+    ax_acc.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=color, alpha=0.15, lw=0)
+  ax.set_yscale("log")
   # from the accuracy after the first epoch: the initial 10 % would flatten the curves
   late = np.concatenate([r["val_acc"][:, 1:].ravel() for r in results.values()])
   if late.size and np.any(np.isfinite(late)):
     ax_acc.set_ylim(max(0.0, float(np.nanmin(late)) - 0.02), 1.0)
-  ax_acc.set_title(f"validation accuracy (mean, band: min-max over {n} seeds)", fontsize=10)
-  ax_acc.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(config.out_dir / "classification_loss.png", dpi=120)
-  plt.close(fig)
+  plotting.legend(
+    fig, extra=[plotting.proxy("train (solid)"), plotting.proxy("validation (dashed)", ls="--")]
+  )
+  plotting.savefig(fig, config.out_dir / "classification_loss.png")

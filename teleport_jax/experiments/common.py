@@ -284,7 +284,7 @@ class _FigureFactory:
   def subplots(*args, **kwargs):
     from matplotlib.figure import Figure
 
-    fig_kw = {k: kwargs.pop(k) for k in ("figsize", "dpi") if k in kwargs}
+    fig_kw = {k: kwargs.pop(k) for k in ("figsize", "dpi", "layout") if k in kwargs}
     fig = Figure(**fig_kw)
     return fig, fig.subplots(*args, **kwargs)
 

@@ -43,6 +43,7 @@ import numpy as np
 
 import teleport_jax as tj
 from teleport_jax.experiments import common
+from teleport_jax.experiments import plotting
 
 TELEPORT_EVERY = 100
 
@@ -501,14 +502,6 @@ def _fmt_sharp(values) -> str:
   return "[" + ", ".join("-" if v is None else f"{v:.3g}" for v in values) + "]"
 
 
-_STYLE = {
-  "gd": dict(color="C0"),
-  "gd+teleport(max_grad_norm)": dict(color="C3"),
-  "gd+teleport(max_grad_norm)/k": dict(color="C1"),
-  "gd+teleport(lookahead)": dict(color="C2"),
-  "gd+teleport(lookahead)/k": dict(color="C4"),
-}
-
 _PLOTTED = {
   "booth": ("gd", "gd+teleport(max_grad_norm)"),
   "rosenbrock": (
@@ -520,26 +513,41 @@ _PLOTTED = {
 }
 
 
+@plotting.styled
 def _plot_trajectories(results: dict, config: common.RunConfig) -> None:
-  plt = common.plt()
   from matplotlib import colors as mcolors
 
   for problem in (BOOTH, ROSENBROCK):
     names = _PLOTTED[problem.name]
-    ncols = 2
-    nrows = (len(names) + 1) // 2
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 4.6 * nrows), squeeze=False)
+    titles = []
+    for name in names:
+      rs = results[problem.name][name]
+      diverged = sum(r["nonfinite"] for r in rs)
+      iters = ", ".join(_fmt(r["iters_to_tol"]) for r in rs)
+      titles.append(
+        f"{name}\niterations to {problem.tol:g}: {iters}"
+        + (f" ({diverged} diverged)" if diverged else "")
+      )
+    fig, axes = plotting.panels(
+      len(names),
+      xlabel="x",
+      ylabel="y",
+      titles=titles,
+      ncols=2,
+      panel_size=(5.0, 4.2),
+      suptitle=f"{problem.name}: GD (lr {problem.lr:g}) trajectories, one colour per start",
+    )
     xs = np.linspace(*problem.xlim, 300)
     ys = np.linspace(*problem.ylim, 300)
     xx, yy = np.meshgrid(xs, ys)
     zz = np.asarray(problem.fn(np.stack([xx, yy])))  # plain arithmetic: numpy in, numpy out
     levels = np.logspace(-2, np.log10(zz.max()), 18)
-    for ax, name in zip(axes.ravel(), names):
+    starts = len(results[problem.name][names[0]])
+    start_colors = [f"C{i}" for i in range(starts)]
+    for ax, name in zip(axes, names):
       ax.contour(xx, yy, zz, levels=levels, norm=mcolors.LogNorm(), cmap="Greys", linewidths=0.7)
-      rs = results[problem.name][name]
-      diverged = 0
-      for i, r in enumerate(rs):
-        color = f"C{i}"
+      ax.grid(False)
+      for r, color in zip(results[problem.name][name], start_colors):
         # log-spaced steps (GD slows down near the minimum), every teleport kept
         steps = len(r["w"])
         idx = np.unique(
@@ -549,9 +557,8 @@ def _plot_trajectories(results: dict, config: common.RunConfig) -> None:
         )
         path = np.stack([r["w"][idx], r["wt"][idx]], axis=1).reshape(-1, 2)
         ax.plot(path[:, 0], path[:, 1], color=color, lw=1.4)
-        ax.plot(*r["w"][0], "o", color=color, ms=6)
-        jumps = np.nonzero(r["accepted"])[0]
-        for j in jumps:
+        ax.plot(*r["w"][0], "o", color=color, ms=7)
+        for j in np.nonzero(r["accepted"])[0]:
           a, b = r["w"][j], r["wt"][j]
           ax.annotate(
             "",
@@ -559,64 +566,67 @@ def _plot_trajectories(results: dict, config: common.RunConfig) -> None:
             xytext=a,
             arrowprops=dict(arrowstyle="->", color="k", lw=1.2, ls="--"),
           )
-          ax.plot(*b, "*", color=color, ms=11, mec="k", mew=0.6)
-        diverged += r["nonfinite"]
+          ax.plot(*b, "*", color=color, ms=12, mec="k", mew=0.6)
       ax.plot(*problem.minimum, "P", color="gold", ms=11, mec="k")
       ax.set_xlim(*problem.xlim)
       ax.set_ylim(*problem.ylim)
-      iters = [r["iters_to_tol"] for r in rs]
-      title = f"{name}\niterations to {problem.tol:g}: {', '.join(_fmt(i) for i in iters)}"
-      if diverged:
-        title += f" ({diverged} diverged)"
-      ax.set_title(title, fontsize=9)
-      ax.set_xlabel("x")
-      ax.set_ylabel("y")
-    for ax in axes.ravel()[len(names) :]:
-      ax.axis("off")
-    fig.suptitle(
-      f"{problem.name}: GD (lr {problem.lr:g}) trajectories; o start, * teleport landing "
-      "(dashed arrow = teleport), + minimum",
-      fontsize=10,
-    )
-    # fixed margins: tight_layout costs about a second per figure on a busy CPU
-    height = fig.get_figheight()
-    fig.subplots_adjust(
-      left=0.07, right=0.98, bottom=0.55 / height, top=1 - 0.85 / height, wspace=0.22, hspace=0.4
-    )
-    fig.savefig(config.out_dir / f"{problem.name}_trajectories.png", dpi=110)
-    plt.close(fig)
+    first = results[problem.name][names[0]]
+    extra = [
+      plotting.proxy(f"start {tuple(np.round(r['w'][0], 2).tolist())}", color=c, marker="o", ls="-")
+      for r, c in zip(first, start_colors)
+    ]
+    extra += [
+      plotting.proxy("teleport (dashed arrow)", color="k", ls="--", lw=1.2),
+      plotting.proxy("teleport landing", ls="none", marker="*", ms=12, mfc="0.8", mec="k"),
+      plotting.proxy("minimum", ls="none", marker="P", ms=11, mfc="gold", mec="k"),
+    ]
+    plotting.legend(fig, extra=extra)
+    plotting.savefig(fig, config.out_dir / f"{problem.name}_trajectories.png")
 
 
+@plotting.styled
 def _plot_losses(results: dict, config: common.RunConfig) -> None:
-  plt = common.plt()
   for problem in (BOOTH, ROSENBROCK):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, rs in results[problem.name].items():
-      for i, r in enumerate(rs):
-        # log-spaced iterations (the x axis is logarithmic), every teleport step kept
-        idx = np.unique(
-          np.concatenate(
-            [np.geomspace(1, len(r["loss"]), 1500).astype(int) - 1, np.nonzero(r["do"])[0]]
+    runs = results[problem.name]
+    names = [name for name in runs if name != "gd"]  # one panel each, gd in every one
+    title = f"{problem.name}: loss vs iteration, one line per start"
+    one = len(names) == 1
+    fig, axes = plotting.panels(
+      len(names),
+      xlabel="GD iteration + 1",
+      ylabel="loss",
+      titles=[f"{title}\n{names[0]}"] if one else names,
+      ncols=2,
+      panel_size=(6.4, 4.2) if one else (5.0, 3.6),
+      sharex=True,
+      sharey=True,
+      suptitle=None if one else title,
+    )
+    top = max(float(r["loss"][0]) for rs in runs.values() for r in rs)
+    for ax, name in zip(axes, names):
+      for m in ("gd", name) if "gd" in runs else (name,):
+        for i, r in enumerate(runs[m]):
+          # log-spaced iterations (the x axis is logarithmic), every teleport step kept
+          idx = np.unique(
+            np.concatenate(
+              [np.geomspace(1, len(r["loss"]), 1500).astype(int) - 1, np.nonzero(r["do"])[0]]
+            )
           )
-        )
-        loss = np.where(np.isfinite(r["loss"][idx]), r["loss"][idx], np.nan)
-        ax.plot(
-          idx + 1,
-          np.maximum(loss, 1e-30),
-          lw=1.2,
-          alpha=0.8,
-          label=name if i == 0 else None,
-          **_STYLE.get(name, {}),
-        )
-    ax.axhline(problem.tol, color="k", ls=":", lw=1, label=f"tol {problem.tol:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    top = max(float(r["loss"][0]) for rs in results[problem.name].values() for r in rs)
-    ax.set_ylim(1e-14, 1e3 * top)  # diverging runs leave through the top
-    ax.set_xlabel("GD iteration + 1")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{problem.name}: loss vs iteration (one line per start)", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)
-    fig.savefig(config.out_dir / f"{problem.name}_loss.png", dpi=110)
-    plt.close(fig)
+          loss = np.maximum(np.where(np.isfinite(r["loss"]), r["loss"], np.nan), 1e-30)
+          ax.plot(
+            idx + 1,
+            loss[idx],
+            color=plotting.color(m),
+            lw=1.4 if m == name else 1.0,
+            alpha=0.85 if m == name else 0.5,
+            label=m if i == 0 else None,
+          )
+          if m != "gd":  # the loss of step t is at the teleported point of step t
+            at = np.nonzero(r["accepted"])[0]
+            plotting.mark_teleports(ax, at + 1, loss[at], color=plotting.color(m))
+      ax.axhline(problem.tol, color="k", ls=":", lw=1, label=f"tol {problem.tol:g}")
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.set_ylim(1e-14, 1e3 * top)  # diverging runs leave through the top
+    plotting.legend(fig)
+    plotting.savefig(fig, config.out_dir / f"{problem.name}_loss.png")

@@ -61,6 +61,7 @@ import teleport_jax as tj
 from teleport_jax.experiments import classification as cls
 from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
+from teleport_jax.experiments import plotting
 
 SYMMETRY = tj.PositiveRescaling()
 # (method, objective kind, maximize)
@@ -670,47 +671,53 @@ def _notes(summary, s: Settings) -> list[str]:
   return notes
 
 
+@plotting.styled
 def _plot(rec, minima, s: Settings, config) -> None:
   from matplotlib.ticker import NullFormatter
 
-  plt = common.plt()
-  fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax, ax_diff) = plotting.panels(
+    2,
+    xlabel="epoch",
+    ylabel=["validation loss", "validation loss minus sgd's (same seed)"],
+    titles=[
+      f"teleport after epoch {s.teleport_epoch}; mean over {len(s.seeds)} seeds,\n"
+      "band: sgd's mean ± std",
+      "paired difference to sgd,\nmean ± std over seeds",
+    ],
+    panel_size=(5.6, 3.8),
+  )
   first = max(s.teleport_epoch - 3, 0)
   epochs = np.arange(first, s.epochs + 1)
   base = rec["sgd"]["val_loss"][:, first:]
-  for i, (m, r) in enumerate(rec.items()):
+  colors = plotting.colors(list(rec))
+  for m, r in rec.items():
     ok = np.all(np.isfinite(r["val_loss"]), 1)
     if not np.any(ok):
       continue
     vl = r["val_loss"][:, first:]
     mean, std = common.mean_std(vl[ok])
-    ax.plot(epochs, mean, color=f"C{i}", lw=1.5, label=m)
+    ax.plot(epochs, mean, color=colors[m], lw=1.5, label=m)
     if m == "sgd":  # one band: the others' spread is the right panel's
-      ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+      ax.fill_between(epochs, mean - std, mean + std, color=colors[m], alpha=0.15, lw=0)
     d_mean, d_std = common.mean_std((vl - base)[ok])  # paired: same seed, same minibatches
-    ax_diff.plot(epochs, d_mean, color=f"C{i}", lw=1.5, label=m)
+    ax_diff.plot(epochs, d_mean, color=colors[m], lw=1.5, label=m)
     if m != "sgd":
-      ax_diff.fill_between(epochs, d_mean - d_std, d_mean + d_std, color=f"C{i}", alpha=0.1)
-  for a in (ax, ax_diff):
-    a.axvline(s.teleport_epoch, color="0.6", lw=0.8)
-    a.set_xlabel("epoch")
-    a.legend(fontsize=8)
-  ax.set_ylabel("validation loss")
-  ax_diff.set_ylabel("validation loss minus sgd's (same seed)")
-  ax.set_title(
-    f"teleport after epoch {s.teleport_epoch} (grey); mean over {len(s.seeds)} seeds,\n"
-    "band: sgd's mean ± std",
-    fontsize=10,
-  )
-  ax_diff.set_title("paired difference to sgd, mean ± std over seeds", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(config.out_dir / "generalization_teleport.png", dpi=120)
-  plt.close(fig)
+      ax_diff.fill_between(epochs, d_mean - d_std, d_mean + d_std, color=colors[m], alpha=0.1)
+  for a in (ax, ax_diff):  # every method but sgd teleports there
+    plotting.mark_teleports(a, [s.teleport_epoch])
+  plotting.legend(fig)
+  plotting.savefig(fig, config.out_dir / "generalization_teleport.png")
 
   from matplotlib import colors as mcolors
-  from matplotlib.lines import Line2D
 
-  fig, axes = plt.subplots(1, len(MEASURES), figsize=(4.2 * len(MEASURES), 4.0))
+  fig, axes = plotting.panels(
+    len(MEASURES),
+    xlabel=[m.replace("_", " ") for m in MEASURES],
+    ylabel="validation loss",
+    suptitle=f"{len(minima)} minima of SGD: measure vs validation loss; grey: the measure's "
+    f"range on {s.orbit_points} random points\nof each minimum's rescaling orbit (same "
+    "validation loss)",
+  )
   log_lrs = [np.log10(m["learning_rate"]) for m in minima]
   norm = mcolors.Normalize(vmin=min(log_lrs) - 0.1, vmax=max(log_lrs) + 0.1)
   batch_sizes = sorted({m["batch_size"] for m in minima})
@@ -723,7 +730,7 @@ def _plot(rec, minima, s: Settings, config) -> None:
       scatter = ax.scatter(
         [m[measure]],
         [m["val_loss"]],
-        s=22,
+        s=30,
         c=[np.log10(m["learning_rate"])],
         cmap="viridis",
         norm=norm,
@@ -735,21 +742,10 @@ def _plot(rec, minima, s: Settings, config) -> None:
     if values and max(values) > 10 * min(values):  # a log axis needs a decade to show ticks
       ax.set_xscale("log")
       ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
-    ax.set_xlabel(measure.replace("_", " "))
-    ax.set_ylabel("validation loss")
-  handles = [
-    Line2D([], [], ls="", marker=markers[b], color="0.4", label=f"batch {b}") for b in batch_sizes
-  ]
-  handles.append(Line2D([], [], color="0.75", lw=1, label="range along the orbit"))
-  fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
-  fig.suptitle(
-    f"{len(minima)} minima of SGD: measure vs validation loss; grey: the measure's range on "
-    f"{s.orbit_points} random points of each minimum's rescaling orbit (same validation loss)",
-    fontsize=10,
-  )
-  fig.subplots_adjust(left=0.05, right=0.9, bottom=0.2, top=0.88, wspace=0.28)
+  extra = [plotting.proxy(f"batch {b}", ls="", marker=markers[b], color="0.4") for b in batch_sizes]
+  extra.append(plotting.proxy("range along the orbit", color="0.75", lw=1))
+  plotting.legend(fig, extra=extra)
   if scatter is not None:
-    bar = fig.colorbar(scatter, cax=fig.add_axes((0.92, 0.2, 0.012, 0.68)))
+    bar = fig.colorbar(scatter, ax=axes, shrink=0.9, pad=0.01)
     bar.set_label("log10 learning rate")
-  fig.savefig(config.out_dir / "generalization_correlation.png", dpi=120)
-  plt.close(fig)
+  plotting.savefig(fig, config.out_dir / "generalization_correlation.png")

@@ -32,6 +32,7 @@ import numpy as np
 import teleport_jax as tj
 from teleport_jax.experiments import common
 from teleport_jax.experiments import functions2d
+from teleport_jax.experiments import plotting
 
 KAPPA = 100.0
 MIN_GAP_EXPONENT = 0.1  # lambda_max / lambda_2 >= KAPPA ** MIN_GAP_EXPONENT
@@ -251,9 +252,20 @@ def _notes(rows, worst_cos, worst_newton, worst_b) -> list[str]:
   ]
 
 
+@plotting.styled
 def _plot(rows, dims, config: common.RunConfig) -> None:
-  plt = common.plt()
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.8))
+  fig, (ax1, ax2) = plotting.panels(
+    2,
+    xlabel="dimension n",
+    ylabel=["1 - cosine", "L / L0 after one step"],
+    titles=[
+      "gradient vs top eigenvector and Newton direction",
+      "loss after one step",
+    ],
+    panel_size=(5.6, 4.0),
+    suptitle=f"random SPD quadratics, kappa={KAPPA:g}, float64: teleport to max |grad|^2 + GD "
+    f"= Newton\n(bars: geometric mean over seeds, dots: seeds, floor {FLOOR:g})",
+  )
   x = np.arange(len(dims))
   width = 0.2
   series1 = (
@@ -262,38 +274,28 @@ def _plot(rows, dims, config: common.RunConfig) -> None:
     ("cos_newton_before", "cos(grad, H^-1 grad), start"),
     ("cos_newton_after", "cos(grad, H^-1 grad), teleported"),
   )
-  for i, (key, label) in enumerate(series1):
-    vals = [np.maximum(1 - np.asarray([r[key] for r in rows if r["n"] == n]), FLOOR) for n in dims]
-    pos = x + (i - 1.5) * width
-    ax1.bar(pos, [np.exp(np.mean(np.log(v))) for v in vals], width, label=label, color=f"C{i}")
-    for p, v in zip(pos, vals):
-      ax1.plot(np.full(len(v), p), v, "k.", ms=3)
-  ax1.set_yscale("log")
-  ax1.set_xticks(x, [f"n={n}" for n in dims])
-  ax1.set_ylabel(f"1 - cosine (bars: geometric mean, dots: seeds, floor {FLOOR:g})", fontsize=8)
-  ax1.set_title("gradient vs top eigenvector and Newton direction", fontsize=10)
-  ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
   series2 = (
     ("gd_step", "(a) GD step 1/lambda_max"),
     ("teleport_gd_step", "(b) teleport + GD step"),
     ("teleport_gd_rayleigh_step", "(b') teleport + GD step 2L/|g|^2"),
     ("newton_step", "(c) Newton step"),
   )
-  for i, (key, label) in enumerate(series2):
-    vals = [np.maximum(np.asarray([r[key] for r in rows if r["n"] == n]), FLOOR) for n in dims]
-    pos = x + (i - 1.5) * width
-    ax2.bar(pos, [np.exp(np.mean(np.log(v))) for v in vals], width, label=label, color=f"C{i + 4}")
-    for p, v in zip(pos, vals):
-      ax2.plot(np.full(len(v), p), v, "k.", ms=3)
-  ax2.set_yscale("log")
-  ax2.set_xticks(x, [f"n={n}" for n in dims])
-  ax2.set_ylabel(f"L / L0 after one step (bars: geometric mean, floor {FLOOR:g})", fontsize=8)
-  ax2.set_title("loss after one step", fontsize=10)
-  ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-  fig.suptitle(
-    f"random SPD quadratics, kappa={KAPPA:g}, float64: teleport to max |grad|^2 + GD = Newton",
-    fontsize=10,
-  )
-  fig.subplots_adjust(left=0.07, right=0.98, bottom=0.22, top=0.88, wspace=0.22)
-  fig.savefig(config.out_dir / "newton_check.png", dpi=110)
-  plt.close(fig)
+  for ax, series, offset, transform in (
+    (ax1, series1, 0, lambda v: 1 - v),
+    (ax2, series2, 4, lambda v: v),
+  ):
+    for i, (key, label) in enumerate(series):
+      vals = [
+        np.maximum(transform(np.asarray([r[key] for r in rows if r["n"] == n])), FLOOR)
+        for n in dims
+      ]
+      pos = x + (i - 1.5) * width
+      mean = [np.exp(np.mean(np.log(v))) for v in vals]
+      ax.bar(pos, mean, width, label=label, color=f"C{i + offset}")
+      for p, v in zip(pos, vals):
+        ax.plot(np.full(len(v), p), v, "k.", ms=4)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"n={n}" for n in dims])
+    ax.grid(False, axis="x")
+  plotting.legend(fig, ncol=2)
+  plotting.savefig(fig, config.out_dir / "newton_check.png")

@@ -33,7 +33,7 @@ cotangents; second moments exactly by the squared factor under rescaling, kept
 under the GL action). The measure is the final training loss, mean and standard
 deviation over seeds.
 
-Measured (see the README for the tables): transporting momentum on the
+Measured (tables in docs/results.md): transporting momentum on the
 regression problem diverges. The transport is exact (the transported momentum
 equals the gradient at the teleported point, see the tests), but after 5 steps
 from the published initialisation the momentum is dominated by the first,
@@ -62,6 +62,7 @@ import teleport_jax as tj
 from teleport_jax.experiments import classification
 from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
+from teleport_jax.experiments import plotting
 from teleport_jax.experiments import regression
 
 PROBLEMS = ("regression", "classification")
@@ -85,6 +86,8 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 ADAM_EPS_ROOT = 1e-16
 LOOKAHEAD_STEPS = 5
 NUM_STEPS = {"regression": 30, "classification": 10}
+# classification: teleport at the first step of each of the first this many epochs
+CLASSIFICATION_TELEPORT_EPOCHS = 3
 GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
@@ -202,7 +205,10 @@ def make_optimizer(problem: str, name: str, variant: str, lr: float | None = Non
   if problem == "regression":
     symmetry, schedule = regression.symmetry(), [regression.TELEPORT_EPOCH]
   else:
-    symmetry, schedule = tj.PositiveRescaling(), tj.every(steps, start=0, stop=3 * steps)
+    symmetry, schedule = (
+      tj.PositiveRescaling(),
+      tj.every(steps, start=0, stop=CLASSIFICATION_TELEPORT_EPOCHS * steps),
+    )
   return tj.with_teleport(
     base,
     symmetry,
@@ -477,18 +483,45 @@ def run(config: common.RunConfig, progress=None) -> dict:
   )
 
 
+def teleport_epochs(problem: str, epochs: int) -> list[int]:
+  """The points of a loss curve of ``problem`` at which the teleporting runs teleport.
+
+  Regression: ``losses[e]`` is the loss before epoch ``e``'s step, whose update
+  teleports at :data:`teleport_jax.experiments.regression.TELEPORT_EPOCH`.
+  Classification: ``curve[e]`` is the loss after ``e`` epochs, and the teleports
+  come at the first step of each of the first :data:`CLASSIFICATION_TELEPORT_EPOCHS`
+  epochs, right after the points ``0, 1, ...``.
+  """
+  if problem == "regression":
+    at = [regression.TELEPORT_EPOCH]
+  else:
+    at = list(range(CLASSIFICATION_TELEPORT_EPOCHS))
+  return [e for e in at if e < epochs]
+
+
+@plotting.styled
 def _plot(problem, results, config) -> None:
-  plt = common.plt()
   names = [n for n in OPTIMIZERS if any(k[0] == n for k in results)]
-  fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.8), squeeze=False)
-  axes = axes[0]
-  styles = {
-    "none": ("k", "-"),
-    "keep": ("C0", "--"),
-    "reset": ("C1", ":"),
-    "transport": ("C2", "-."),
-  }
   n = len(next(iter(results.values()))["losses"])
+  titles = []
+  for name in names:
+    bad = {
+      variant: int(np.sum(~np.all(np.isfinite(rec["losses"]), axis=1)))
+      for (opt, variant), rec in results.items()
+      if opt == name
+    }
+    diverged = ", ".join(f"{v} {k} of {n}" for v, k in bad.items() if k)
+    title = f"{name} (lr {LEARNING_RATES[problem][name]:g})"
+    titles.append(title + (f"\ndiverged: {diverged}" if diverged else ""))
+  fig, axes = plotting.panels(
+    len(names),
+    xlabel="epoch",
+    ylabel="training loss",
+    titles=titles,
+    suptitle=f"{problem}: each optimizer with and without teleport (geometric mean over {n} "
+    "seeds,\nband x/÷ geometric std; a curve stops where a seed diverges)",
+  )
+  linestyles = {"none": "-", "keep": "--", "reset": ":", "transport": "-."}
   for ax, name in zip(axes, names):
     starts = [r["losses"][:, 0] for k, r in results.items() if k[0] == name]
     top = 10 * float(np.nanmax(np.concatenate(starts)))  # a diverged run leaves the panel
@@ -496,25 +529,15 @@ def _plot(problem, results, config) -> None:
       if opt != name:
         continue
       center, lo, hi = common.log_band(rec["losses"])
-      color, ls = styles[variant]
-      label = "no teleport" if variant == "none" else f"teleport ({variant})"
-      bad = int(np.sum(~np.all(np.isfinite(rec["losses"]), axis=1)))
-      if bad:
-        label += f", {bad} of {n} diverge"
+      color = plotting.color(variant)
+      label = "no teleport" if variant == "none" else f"teleport, state: {variant}"
       x = np.arange(len(center))
-      ax.plot(x, center, color=color, ls=ls, lw=1.6, label=label)
+      ax.plot(x, center, color=color, ls=linestyles[variant], label=label)
       ax.fill_between(x, lo, hi, color=color, alpha=0.12, lw=0)
+      if variant != "none":
+        at = teleport_epochs(problem, len(center))
+        plotting.mark_teleports(ax, x[at], center[at], color=color)
     ax.set_yscale("log")
     ax.set_ylim(top=top)
-    ax.set_xlabel("epoch")
-    ax.set_title(f"{name} (lr {LEARNING_RATES[problem][name]:g})", fontsize=10)
-    ax.legend(fontsize=7)
-  axes[0].set_ylabel("training loss")
-  fig.suptitle(
-    f"{problem}: each optimizer with and without teleport\n(geometric mean over {n} seeds, "
-    "band x/÷ geometric std; a curve stops where a seed diverges)",
-    fontsize=10,
-  )
-  fig.tight_layout(rect=(0, 0, 1, 0.9))
-  fig.savefig(config.out_dir / f"optimizers_{problem}.png", dpi=110)
-  plt.close(fig)
+  plotting.legend(fig)
+  plotting.savefig(fig, config.out_dir / f"optimizers_{problem}.png")

@@ -57,6 +57,7 @@ import optax
 
 import teleport_jax as tj
 from teleport_jax.experiments import common
+from teleport_jax.experiments import plotting
 
 DIMS = (4, 5, 6, 7, 8)  # samples, then layer widths: X 5x4, W1 6x5, ..., Y 8x4
 ACTIVATION = tj.leaky_relu(0.1)
@@ -479,50 +480,58 @@ def _table(runs, epochs):
   return rows
 
 
+@plotting.styled
 def _plot(results, config):
-  plt = common.plt()
   out = config.out_dir
-  colors = {m: f"C{i % 10}" for i, m in enumerate(results)}
+  colors = plotting.colors(list(results))
   n = len(next(iter(results.values()))["losses"])
   band = f"geometric mean over {n} seeds, band: x/÷ geometric std"
+  size = (6.4, 4.2)
   for xaxis, fname in (("epoch", "mlp_loss_vs_epoch.png"), ("time", "mlp_loss_vs_time.png")):
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, (ax,) = plotting.panels(
+      xlabel="epoch" if xaxis == "epoch" else "wall-clock time (s; run time, teleports included)",
+      ylabel="training loss",
+      titles=[f"MLP regression (published protocol)\n{band}"],
+      panel_size=size,
+    )
     for m in (m for m in METHODS if m in results):
       center, lo, hi = common.log_band(results[m]["losses"])
       x = np.arange(len(center)) if xaxis == "epoch" else np.mean(results[m]["times"], axis=0)
-      ax.plot(x, center, color=colors[m], label=m, lw=1.8)
+      ax.plot(x, center, color=colors[m], label=m)
       ax.fill_between(x, lo, hi, color=colors[m], alpha=0.18, lw=0)
+      at = teleport_epochs_of(m, len(center))
+      plotting.mark_teleports(ax, x[at], center[at], color=colors[m])
     ax.set_yscale("log")
     if xaxis == "time":
       ax.set_xscale("log")
-    ax.set_xlabel(
-      "epoch" if xaxis == "epoch" else "wall-clock time (s; run time, teleports included)"
-    )
-    ax.set_ylabel("training loss")
-    ax.set_title(f"MLP regression (published protocol)\n{band}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / fname, dpi=120)
-    plt.close(fig)
+    plotting.legend(fig)
+    plotting.savefig(fig, out / fname)
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  fig, (ax,) = plotting.panels(
+    xlabel="training loss (decreasing →)",
+    ylabel=r"$\|\nabla L\|^2$",
+    titles=[f"squared gradient norm vs loss\n{band}"],
+    panel_size=size,
+  )
   for m in (m for m in METHODS if m in results):
     lc, _, _ = common.log_band(results[m]["losses"])
     gc, glo, ghi = common.log_band(results[m]["grad_norms"])
-    ax.plot(lc, gc, color=colors[m], label=m, lw=1.8)
+    ax.plot(lc, gc, color=colors[m], label=m)
     ax.fill_between(lc, glo, ghi, color=colors[m], alpha=0.18, lw=0)
+    at = teleport_epochs_of(m, len(lc))
+    plotting.mark_teleports(ax, lc[at], gc[at], color=colors[m])
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.invert_xaxis()  # training runs from left to right
-  ax.set_xlabel("training loss (decreasing →)")
-  ax.set_ylabel(r"$\|\nabla L\|^2$")
-  ax.set_title(f"squared gradient norm vs loss\n{band}", fontsize=10)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "mlp_grad_norm_vs_loss.png", dpi=120)
-  plt.close(fig)
+  plotting.legend(fig)
+  plotting.savefig(fig, out / "mlp_grad_norm_vs_loss.png")
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  fig, (ax,) = plotting.panels(
+    xlabel="epoch",
+    ylabel="training loss",
+    titles=[f"exact action vs published first-order action (dashed)\nmedian over {n} seeds"],
+    panel_size=size,
+  )
   exact_vs_published = (
     "gd",
     "gd_teleport",
@@ -543,14 +552,10 @@ def _plot(results, config):
     elif worst > 100 * median[-1]:
       label += f" (worst seed ends at {worst:.1e})"
     ls = "--" if "published" in m else "-"
-    ax.plot(
-      np.where(np.isfinite(median), median, np.nan), color=colors[m], label=label, lw=1.8, ls=ls
-    )
+    median = np.where(np.isfinite(median), median, np.nan)
+    ax.plot(median, color=colors[m], label=label, ls=ls)
+    at = teleport_epochs_of(m, len(median))
+    plotting.mark_teleports(ax, at, median[at], color=colors[m])
   ax.set_yscale("log")
-  ax.set_xlabel("epoch")
-  ax.set_ylabel("training loss")
-  ax.set_title(f"exact action vs published first-order action\nmedian over {n} seeds", fontsize=10)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out / "mlp_exact_vs_published.png", dpi=120)
-  plt.close(fig)
+  plotting.legend(fig)
+  plotting.savefig(fig, out / "mlp_exact_vs_published.png")

@@ -101,6 +101,7 @@ import teleport_jax as tj
 from teleport_jax import models
 from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
+from teleport_jax.experiments import plotting
 
 NAMES = ("mlp_digits", "cnn_digits", "cnn_bn_digits", "char_transformer", "char_transformer_relu")
 TUNED_PATH = Path(__file__).with_name("workloads_tuned.json")
@@ -371,6 +372,16 @@ def _layer_key(path) -> str:
 _ADAM_SPACE = {"lr": ("adam", None, None), "wd": (None, 1e-2, 0.3)}
 
 
+# ``tj.every`` arguments of the methods that teleport on a schedule (the plots mark them)
+SCHEDULES = {
+  "tp_lookahead": dict(k=250, start=20),
+  "tp_lookahead_nostab": dict(k=250, start=20),
+  "tp_gradbalance_50": dict(k=50, start=10),
+}
+# methods that move at every step (no schedule to mark)
+EVERY_STEP = ("tp_gradbalance",)
+
+
 def _tp(hp, lr, wl, **kwargs):
   return tj.with_teleport(_adamw(hp, lr), wl.symmetry, state_policy="transport", **kwargs)
 
@@ -381,7 +392,7 @@ def lookahead_teleport(hp, lr, wl, **kwargs):
     hp,
     lr,
     wl,
-    schedule=tj.every(250, start=20),
+    schedule=tj.every(**SCHEDULES["tp_lookahead"]),
     solver_backend=tj.LineSearch(),
     num_steps=5,
     **kwargs,
@@ -430,7 +441,7 @@ METHODS = {
         hp,
         lr,
         wl,
-        schedule=tj.every(50, start=10),
+        schedule=tj.every(**SCHEDULES["tp_gradbalance_50"]),
         solver_backend=tj.Balance("grad", max_log_scale=1.0),
         num_steps=1,
         stability=False,
@@ -843,30 +854,46 @@ def table_rows(records: dict) -> list[dict]:
   return rows
 
 
+def teleport_steps(method: str, steps: int) -> list[int]:
+  """The steps (0-based, below ``steps``) at which ``method``'s schedule fires."""
+  if method not in SCHEDULES:
+    return []
+  schedule = tj.every(**SCHEDULES[method])
+  return [t for t in range(steps) if tj.fires_within(schedule, t, 1)]
+
+
+@plotting.styled
 def plot(name: str, rec: dict, out_dir: Path) -> list[Path]:
   """Validation loss against training seconds and against steps (median over seeds)."""
-  plt = common.plt()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = plotting.panels(
+    2,
+    xlabel=["training seconds", "steps"],
+    ylabel="validation loss",
+    panel_size=(5.6, 3.8),
+    suptitle=f"{name}: {rec['description']}\n(median over seeds; dashed: baselines)",
+  )
   for m, r in rec["methods"].items():
     curves = r["curves"]
     n = min(len(c["val_loss"]) for c in curves)
     val = np.median(np.asarray([c["val_loss"][:n] for c in curves]), axis=0)
     secs = np.median(np.asarray([c["time_s"][:n] for c in curves]), axis=0)
     steps = np.arange(n) * rec["eval_every"]
-    style = "-" if r["kind"] == "teleport" else "--"
-    axes[0].plot(secs, val, style, label=m)
-    axes[1].plot(steps, val, style, label=m)
-  for ax, xlabel in zip(axes, ("training seconds", "steps")):
-    ax.axhline(rec["target_val_loss"], color="k", lw=0.8, ls=":")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation loss")
+    color = plotting.color(m)
+    ls = "-" if r["kind"] == "teleport" else "--"
+    label = f"{m} (every step)" if m in EVERY_STEP else m
+    axes[0].plot(secs, val, color=color, ls=ls, label=label)
+    axes[1].plot(steps, val, color=color, ls=ls, label=label)
+    # between two evaluations: on the straight line the plot draws between them
+    at = np.asarray([t for t in teleport_steps(m, rec["steps"]) if t <= steps[-1]], np.float64)
+    if at.size:
+      y = np.interp(at, steps, val)
+      plotting.mark_teleports(axes[0], np.interp(at, steps, secs), y, color=color, ms=6)
+      plotting.mark_teleports(axes[1], at, y, color=color, ms=6)
+  for ax in axes:
+    ax.axhline(rec["target_val_loss"], color="k", lw=0.8, ls=":", label="target")
     ax.set_yscale("log")
-  axes[0].legend(fontsize=8)
-  fig.suptitle(f"{name}: {rec['description']}", fontsize=9)
-  fig.tight_layout()
-  path = out_dir / f"workloads_{name}.png"
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  plotting.legend(fig)
+  path = plotting.savefig(fig, out_dir / f"workloads_{name}.png")
   return [path]
 
 
@@ -929,7 +956,11 @@ def run(config: common.RunConfig, progress=None, names=None) -> dict:
 
 
 def markdown_table(records: dict) -> str:
-  """The README's table: per workload and method, medians over the evaluation seeds."""
+  """The results table, per workload and method, medians over the evaluation seeds.
+
+  ``python -m benchmarks.report`` renders the same table into docs/performance.md
+  from ``benchmarks/results/workloads.json``.
+  """
 
   def g(x, fmt="{:.3g}"):
     return "–" if x is None else fmt.format(x)
