@@ -1008,7 +1008,7 @@ generalization has to come from the training that follows. The
 `generalization` experiment of the main job measures exactly that (teleport at
 epoch 20 of 40, 5 seeds, paired with the same minibatch order) and the
 correlation between these measures and validation loss over 24 trained
-minima; see the README for its tables.
+minima; docs/results.md has its tables.
 
 ## 3. Every common optimizer, and its state at a teleport
 

@@ -2,7 +2,8 @@
 
 Every fenced ``python`` block of README.md and of ``docs/*.md`` is executed
 (fragments get the setup they need, keyed by the heading they sit under), and
-the call forms of the README's API table are checked against the signatures.
+the call forms of the API tables (docs/api.md, and the README's overview) are
+checked against the signatures.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Block:
 
   @property
   def key(self) -> str:
-    """A stable marker: ``README.md#performance`` (``#performance-2`` for a second block)."""
+    """A stable marker: ``docs/usage.md#notebooks`` (``#notebooks-2`` for a second block)."""
     slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")
     return f"{self.file}#{slug}" + (f"-{self.index}" if self.index > 1 else "")
 
@@ -83,6 +84,13 @@ assert bool(jnp.isfinite(l))
 _OWN_MODEL_TEARDOWN = """
 assert isinstance(sym, tj.Discovered)
 state = opt.init(m.params)
+"""
+
+_FLAX_MODEL_TEARDOWN = """
+assert isinstance(sym, tj.Discovered)
+assert int(state.num_teleports) == 1, tj.status_message(state.info)
+assert int(state.info.status) == tj.TeleportStatus.SUCCESSFUL, tj.status_message(state.info)
+assert bool(jnp.isfinite(l))
 """
 
 # A training loop in chunks: `train_chunk(params, opt_state, batches, *, teleport)`
@@ -140,14 +148,17 @@ class Fixture:
 
 
 FIXTURES: dict[str, Fixture] = {
-  "README.md#using-it": Fixture(teardown=_USING_IT_TEARDOWN),
-  "README.md#teleport-your-own-model": Fixture(teardown=_OWN_MODEL_TEARDOWN),
-  "README.md#multiple-devices": Fixture(
+  "README.md#the-seed-s-mlp-with-tj-with-teleport": Fixture(teardown=_USING_IT_TEARDOWN),
+  "README.md#your-own-flax-model-with-tj-find-symmetries": Fixture(teardown=_FLAX_MODEL_TEARDOWN),
+  "docs/symmetries.md#teleport-your-own-model": Fixture(teardown=_OWN_MODEL_TEARDOWN),
+  "docs/multiple_devices.md#multiple-devices": Fixture(
     skip="needs 8 devices: tests/test_sharding.py runs this block on 8 emulated CPU devices "
     "in its own process (tests/sharded/test_sharded.py::"
-    "test_the_readme_multiple_devices_example_runs_and_keeps_its_shardings)"
+    "test_the_multiple_devices_example_runs_and_keeps_its_shardings)"
   ),
-  "README.md#performance": Fixture(setup=_PERFORMANCE_SETUP, teardown=_PERFORMANCE_TEARDOWN),
+  "docs/usage.md#steps-that-do-not-teleport": Fixture(
+    setup=_PERFORMANCE_SETUP, teardown=_PERFORMANCE_TEARDOWN
+  ),
 }
 
 
@@ -163,7 +174,7 @@ def _exec(code: str, filename: str, ns: dict[str, Any], first_line: int = 1) -> 
 
 
 def test_the_documentation_has_python_blocks_and_every_fixture_is_used():
-  assert BLOCKS, "README.md has no python blocks"
+  assert BLOCKS, "the documentation has no python blocks"
   keys = {b.key for b in BLOCKS}
   assert len(keys) == len(BLOCKS), "two blocks share a key"
   unused = sorted(set(FIXTURES) - keys)
@@ -184,24 +195,42 @@ def test_python_block_runs(block):
 
 
 # ---------------------------------------------------------------- API table
-def _api_rows() -> list[str]:
-  """The first cells of the rows of README.md's ``### API`` table."""
-  text = (ROOT / "README.md").read_text()
-  section = re.search(r"^### API\n(.*?)(?=^#)", text, re.S | re.M)
-  assert section, "README.md has no ### API section"
-  rows = [ln for ln in section.group(1).splitlines() if ln.startswith("| ")]
-  cells = [re.split(r"(?<!\\)\|", row)[1].strip() for row in rows]
-  return [c for c in cells if c != "name"]
+API_PAGES = [ROOT / "docs" / "api.md", ROOT / "README.md"]
+
+
+def _api_rows(path: pathlib.Path) -> list[str]:
+  """The first cells of the rows of ``path``'s API tables (those whose header is ``name``)."""
+  cells, in_table = [], False
+  for line in path.read_text().splitlines():
+    if not line.startswith("|"):
+      in_table = False
+      continue
+    first = re.split(r"(?<!\\)\|", line)[1].strip()
+    if first == "name":
+      in_table = True
+    elif in_table and not first.startswith("---"):
+      cells.append(first)
+  return cells
+
+
+def test_every_api_page_has_an_api_table():
+  for path in API_PAGES:
+    assert _api_rows(path), f"{path.relative_to(ROOT)} has no | name | ... | table"
 
 
 def _spans(cell: str) -> list[str]:
   return re.findall(r"`([^`]+)`", cell)
 
 
-CALLS = [s for cell in _api_rows() for s in _spans(cell) if re.match(r"tj\.[\w.]+\(", s)]
-NAMES = [
-  s for cell in _api_rows() for s in _spans(cell) if re.fullmatch(r"(tj|teleport_jax)\.[\w.*]+", s)
-]
+_CELLS = [cell for path in API_PAGES for cell in _api_rows(path)]
+CALLS = list(
+  dict.fromkeys(s for cell in _CELLS for s in _spans(cell) if re.match(r"tj\.[\w.]+\(", s))
+)
+NAMES = list(
+  dict.fromkeys(
+    s for cell in _CELLS for s in _spans(cell) if re.fullmatch(r"(tj|teleport_jax)\.[\w.*]+", s)
+  )
+)
 
 
 def _resolve(dotted: str) -> Any:
@@ -251,7 +280,7 @@ def _parse_call(form: str) -> tuple[str, list[Param], bool]:
 
 
 def _problems(form: str) -> list[str]:
-  """How the call form ``form`` of the README disagrees with the code's signature."""
+  """How the call form ``form`` of the documentation disagrees with the code's signature."""
   name, readme, more = _parse_call(form)
   code = inspect.signature(_resolve(name)).parameters
   P = inspect.Parameter
@@ -263,20 +292,20 @@ def _problems(form: str) -> list[str]:
       continue
     kind = P.POSITIONAL_OR_KEYWORD if c.kind == P.POSITIONAL_ONLY else c.kind
     if kind != p.kind:
-      problems.append(f"{p.name}: README says {p.kind.description}, code {c.kind.description}")
+      problems.append(f"{p.name}: the docs say {p.kind.description}, code {c.kind.description}")
     if p.default is not P.empty and (
       c.default is P.empty or type(c.default) is not type(p.default) or c.default != p.default
     ):
-      problems.append(f"{p.name}: README default {p.default!r}, code {c.default!r}")
+      problems.append(f"{p.name}: documented default {p.default!r}, code {c.default!r}")
   positional = [p.name for p in readme if p.kind == P.POSITIONAL_OR_KEYWORD]
   code_positional = [
     n for n, c in code.items() if c.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD)
   ]
   if positional != code_positional[: len(positional)]:
-    problems.append(f"positional order: README {positional}, code {code_positional}")
+    problems.append(f"positional order: docs {positional}, code {code_positional}")
   missing = [n for n in code if n not in {p.name for p in readme}]
   if missing and not more:
-    problems.append(f"not in the README and no '...': {missing}")
+    problems.append(f"not documented and no '...': {missing}")
   return problems
 
 

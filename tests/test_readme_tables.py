@@ -1,8 +1,9 @@
-"""The README's result tables: rendering, --write, --check, on a synthetic summary."""
+"""The result tables of docs/results.md: rendering, --write, --check, on a synthetic summary."""
 
 import copy
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -233,7 +234,7 @@ def synthetic_summary() -> dict:
   )
 
 
-def _readme() -> str:
+def _results_page() -> str:
   blocks = "\n\n".join(
     f"Text before {name}.\n\n{rt._OPEN.format(name)}\nold table\n{rt._CLOSE.format(name)}\n"
     for name in rt.BLOCKS
@@ -243,8 +244,8 @@ def _readme() -> str:
 
 @pytest.fixture
 def files(tmp_path):
-  readme = tmp_path / "README.md"
-  readme.write_text(_readme())
+  readme = tmp_path / "results.md"
+  readme.write_text(_results_page())
   summary = tmp_path / "summary.json"
   summary.write_text(json.dumps(synthetic_summary()))
   return readme, summary
@@ -280,7 +281,7 @@ def test_check_passes_on_the_same_run(files, capsys):
   rt.main([str(summary), "--write", str(readme)])
   assert rt.main(["--check", str(readme), str(summary)]) == 0
   out = capsys.readouterr().out
-  assert "| cell | README (with spread) | second run | within? |" in out
+  assert "| cell | stated (with spread) | second run | within? |" in out
   assert "**NO**" not in out and "not checked" in out
 
 
@@ -364,3 +365,37 @@ def test_bound_is_a_decade_above_the_largest_value():
   assert rt.bound([1.3e-6, 2e-7]).text == "≤ 1e-5"
   assert rt.bound([2e-16], decades=2).text == "≤ 1e-14"
   assert rt.interval("3 of 5") is None
+
+
+def test_write_and_check_default_to_docs_results_and_the_readme_summary(
+  files, tmp_path, monkeypatch, capsys
+):
+  page, summary = files
+  readme = tmp_path / "README.md"
+  block = rt.SUMMARY_BLOCK
+  readme.write_text(f"# Title\n\n{rt._OPEN.format(block)}\nold\n{rt._CLOSE.format(block)}\n")
+  defaults = {rt.DEFAULT_RESULTS: page, rt.DEFAULT_README: readme}
+  monkeypatch.setattr(rt, "_default", defaults.__getitem__)
+  assert rt.main([str(summary), "--write"]) == 0
+  assert "old table" not in page.read_text()
+  text = readme.read_text()
+  assert "old" not in text and "`gd_teleport`" in text and "`gd_teleport_published`" not in text
+  assert f"wrote blocks {block} into {readme}" in capsys.readouterr().out
+  assert rt.main(["--check", str(summary)]) == 0
+  assert f"spread stated in {page}" in capsys.readouterr().out
+
+
+def test_the_readme_summary_repeats_the_figures_of_docs_results():
+  """README.md's summary table is a subset of docs/results.md's mlp_regression table."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  [(header, rows)] = rt.parse_tables(
+    rt.read_block((root / "README.md").read_text(), rt.SUMMARY_BLOCK)
+  )
+  [(full_header, full_rows), *_] = rt.parse_tables(
+    rt.read_block((root / "docs" / "results.md").read_text(), "mlp_regression")
+  )
+  columns = [full_header.index(h) for h in header]
+  full = {row[0]: [row[i] for i in columns] for row in full_rows}
+  assert [row[0] for row in rows] == [f"`{m}`" for m in rt.SUMMARY_METHODS]
+  for row in rows:
+    assert full[row[0]] == row, f"README.md and docs/results.md disagree on {row[0]}"

@@ -1,18 +1,23 @@
-"""The README's result tables, generated from ``summary.json``, and a check of a second run.
+"""The result tables of docs/results.md, generated from ``summary.json``, and a check of a second run.
 
 Usage::
 
   python -m teleport_jax.experiments.readme_tables runs/summary.json
-  python -m teleport_jax.experiments.readme_tables runs/summary.json --write README.md
-  python -m teleport_jax.experiments.readme_tables --check README.md runs2/summary.json
+  python -m teleport_jax.experiments.readme_tables runs/summary.json --write
+  python -m teleport_jax.experiments.readme_tables runs/summary.json --write docs/results.md
+  python -m teleport_jax.experiments.readme_tables --check runs2/summary.json
+  python -m teleport_jax.experiments.readme_tables --check docs/results.md runs2/summary.json
 
-The first form prints one markdown block per experiment. ``--write`` replaces
-the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` in the
-README with the block ``NAME`` (running it twice changes nothing). ``--check``
-reads the figures the README states, with their spread, renders the same
-tables from a second run's ``summary.json``, prints a comparison table (cell,
-README value and spread, second run, within?) and exits non-zero if a figure
-of the second run falls outside the README's spread.
+The first form prints one markdown block per experiment. ``--write FILE``
+replaces the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``
+in ``FILE`` with the block ``NAME`` (running it twice changes nothing);
+without ``FILE`` it writes ``docs/results.md`` and the README's summary block
+(``<!-- results:mlp_regression_summary -->``, a few rows of the
+``mlp_regression`` table). ``--check [FILE] OTHER_SUMMARY`` reads the figures
+``FILE`` (default ``docs/results.md``) states, with their spread, renders the
+same tables from a second run's ``summary.json``, prints a comparison table
+(cell, stated value and spread, second run, within?) and exits non-zero if a
+figure of the second run falls outside the stated spread.
 
 Every figure is stated with its spread over seeds (or starts, or minima), in
 one of these forms, which is also how ``--check`` reads it:
@@ -835,6 +840,42 @@ def blocks(summary: dict) -> dict[str, list[Part]]:
   return out
 
 
+# The README's summary: the methods of ours from the mlp_regression table, the
+# same figures in fewer columns.
+SUMMARY_BLOCK = "mlp_regression_summary"
+SUMMARY_METHODS = (
+  "gd",
+  "gd_teleport",
+  "adagrad",
+  "adagrad_teleport",
+  "gd_teleport_repeated",
+  "gd_teleport_every20",
+)
+_SUMMARY_COLUMNS = (0, 1, 2, 4, 6)
+
+
+def mlp_regression_summary(section: dict) -> list[Part]:
+  """A few rows and columns of :func:`mlp_regression`'s table, for the README."""
+  table = next(p for p in mlp_regression(section) if isinstance(p, Table))
+  rows = [
+    [row[i] for i in _SUMMARY_COLUMNS] for row in table.rows if _plain(row[0]) in SUMMARY_METHODS
+  ]
+  n = section["runs"]["gd"]["n_seeds"]
+  rtol = section["protocol"]["methods"]["gd_teleport"]["rtol"]
+  intro = (
+    "The seed's MLP regression (Zhao et al. 2022, Figure 2) on its published protocol: "
+    f"training loss, mean ± std over {_seeds_phrase(n)}; every teleport keeps the loss "
+    f"within `rtol` = {rtol:g}."
+  )
+  return [intro, Table([table.header[i] for i in _SUMMARY_COLUMNS], rows)]
+
+
+def extra_blocks(summary: dict) -> dict[str, list[Part]]:
+  """Blocks written where a file has them, but not checked by ``--check``."""
+  section = summary["experiments"].get("mlp_regression")
+  return {} if section is None else {SUMMARY_BLOCK: mlp_regression_summary(section)}
+
+
 def block_text(name: str, parts: Sequence[Part], summary: dict) -> str:
   return render([*parts, source_line(summary)])
 
@@ -853,34 +894,44 @@ def source_line(summary: dict) -> str:
   )
 
 
-def stated_code(readme_text: str) -> dict[str, str]:
-  """The code hashes the README's blocks name (empty if none)."""
-  m = re.search(r"library ([0-9a-f]{16}), experiments ([0-9a-f]{16})", readme_text)
+def stated_code(text: str) -> dict[str, str]:
+  """The code hashes a file's blocks name (empty if none)."""
+  m = re.search(r"library ([0-9a-f]{16}), experiments ([0-9a-f]{16})", text)
   return {} if m is None else {"library_sha256": m.group(1), "experiments_sha256": m.group(2)}
 
 
-# ------------------------------------------------------------------ README I/O
+# ------------------------------------------------------------------ file I/O
+def _default(relative: str) -> Path:
+  """``relative`` in the repository this module sits in, else in the current directory."""
+  root = Path(__file__).resolve().parents[2]
+  return root / relative if (root / relative).exists() else Path(relative)
+
+
+DEFAULT_RESULTS = "docs/results.md"
+DEFAULT_README = "README.md"
+
+
 def _span(text: str, name: str) -> tuple[int, int]:
   open_, close = _OPEN.format(name), _CLOSE.format(name)
   a = text.find(open_)
   b = text.find(close)
   if a < 0 or b < 0 or b < a:
-    raise ValueError(f"README: no {open_} ... {close} block.")
+    raise ValueError(f"no {open_} ... {close} block.")
   return a + len(open_), b
 
 
-def write(readme: Path, summary: dict) -> list[str]:
-  """Replaces every block of ``summary`` in ``readme``; returns the names written."""
-  text = readme.read_text()
+def write(path: Path, summary: dict) -> list[str]:
+  """Replaces every block of ``summary`` that ``path`` has; returns the names written."""
+  text = path.read_text()
   written = []
-  for name, parts in blocks(summary).items():
+  for name, parts in {**blocks(summary), **extra_blocks(summary)}.items():
     try:
       a, b = _span(text, name)
     except ValueError:
       continue
     text = text[:a] + "\n" + block_text(name, parts, summary) + "\n" + text[b:]
     written.append(name)
-  readme.write_text(text)
+  path.write_text(text)
   return written
 
 
@@ -952,19 +1003,19 @@ def interval(text: str) -> tuple[float, float] | None:
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   cell: str
-  readme: str
+  stated: str
   second: str
   within: bool | None  # None: not checked
 
 
-def compare(readme_text: str, summary: dict) -> list[Comparison]:
-  """Every cell of the README's blocks against the second run's figures."""
+def compare(text: str, summary: dict) -> list[Comparison]:
+  """Every cell of a file's blocks against the second run's figures."""
   out = []
   for name, parts in blocks(summary).items():
     try:
-      stated = parse_tables(read_block(readme_text, name))
+      stated = parse_tables(read_block(text, name))
     except ValueError:
-      out.append(Comparison(name, "(no block in the README)", "", False))
+      out.append(Comparison(name, "(no block in the file)", "", False))
       continue
     tables = [p for p in parts if isinstance(p, Table)]
     if len(stated) != len(tables):
@@ -980,9 +1031,9 @@ def compare(readme_text: str, summary: dict) -> list[Comparison]:
           out.append(Comparison(label, "(row)", "(missing in the second run)", False))
           continue
         cells = zip(header[table.keys :], row[table.keys :], other[table.keys :])
-        for col, readme_cell, fig in cells:
+        for col, stated_cell, fig in cells:
           fig = fig if isinstance(fig, Figure) else Figure(str(fig))
-          out.append(_compare_cell(f"{label} / {col}", col, readme_cell, fig))
+          out.append(_compare_cell(f"{label} / {col}", col, stated_cell, fig))
   return out
 
 
@@ -990,27 +1041,27 @@ def _plain(s) -> str:
   return (s.text if isinstance(s, Figure) else str(s)).replace("`", "")
 
 
-def _compare_cell(label: str, column: str, readme_cell: str, fig: Figure) -> Comparison:
+def _compare_cell(label: str, column: str, stated_cell: str, fig: Figure) -> Comparison:
   if NOT_CHECKED in column or not fig.checked:
-    return Comparison(label, readme_cell, fig.text, None)
-  if readme_cell.startswith("`"):
-    return Comparison(label, readme_cell, fig.text, readme_cell == fig.text)
-  box = interval(readme_cell)
+    return Comparison(label, stated_cell, fig.text, None)
+  if stated_cell.startswith("`"):
+    return Comparison(label, stated_cell, fig.text, stated_cell == fig.text)
+  box = interval(stated_cell)
   if box is None or fig.value is None:
-    return Comparison(label, readme_cell, fig.text, readme_cell == fig.text)
+    return Comparison(label, stated_cell, fig.text, stated_cell == fig.text)
   lo, hi = box
   ok = lo <= fig.value <= hi
-  return Comparison(label, readme_cell, _sig(fig.value, 4), ok)
+  return Comparison(label, stated_cell, _sig(fig.value, 4), ok)
 
 
 def comparison_table(rows: list[Comparison]) -> str:
   lines = [
-    "| cell | README (with spread) | second run | within? |",
+    "| cell | stated (with spread) | second run | within? |",
     "|---|---|---|---|",
   ]
   for c in rows:
     verdict = "not checked" if c.within is None else ("yes" if c.within else "**NO**")
-    lines.append(f"| {c.cell} | {c.readme} | {c.second} | {verdict} |")
+    lines.append(f"| {c.cell} | {c.stated} | {c.second} | {verdict} |")
   return "\n".join(lines)
 
 
@@ -1020,40 +1071,56 @@ def main(argv: list[str] | None = None) -> int:
     prog="python -m teleport_jax.experiments.readme_tables", description=__doc__.split("\n")[0]
   )
   parser.add_argument("summary", nargs="?", type=Path, help="summary.json of a reproduce run")
-  parser.add_argument("--write", type=Path, metavar="README", help="replace the result blocks")
+  parser.add_argument(
+    "--write",
+    nargs="?",
+    const="",
+    type=str,
+    metavar="FILE",
+    help=f"replace the result blocks in FILE (default: {DEFAULT_RESULTS} and the summary "
+    f"block of {DEFAULT_README})",
+  )
   parser.add_argument(
     "--check",
-    nargs=2,
+    nargs="+",
     type=Path,
-    metavar=("README", "OTHER_SUMMARY"),
-    help="check that a second run's figures lie within the README's spread",
+    metavar="PATH",
+    help="[FILE] OTHER_SUMMARY: check that a second run's figures lie within the spread "
+    f"FILE states (default {DEFAULT_RESULTS})",
   )
   args = parser.parse_args(argv)
   if args.check:
-    readme, other = args.check
-    text, second = readme.read_text(), json.loads(other.read_text())
+    if len(args.check) > 2:
+      parser.error("--check takes [FILE] OTHER_SUMMARY")
+    path, other = args.check if len(args.check) == 2 else (_default(DEFAULT_RESULTS), *args.check)
+    text, second = path.read_text(), json.loads(other.read_text())
     rows = compare(text, second)
     print(comparison_table(rows))
     stated, actual = stated_code(text), second.get("library", {})
     for key, value in stated.items():
       if actual.get(key) != value:
         print(
-          f"\nnote: {key} of {other} is {actual.get(key)}, the README's figures come from "
+          f"\nnote: {key} of {other} is {actual.get(key)}, the figures of {path} come from "
           f"{value}: the two runs ran different code."
         )
     bad = [c for c in rows if c.within is False]
     checked = [c for c in rows if c.within is not None]
     print(
       f"\n{len(checked) - len(bad)} of {len(checked)} checked figures of {other} lie within "
-      f"the spread stated in {readme}" + (f"; {len(bad)} do not." if bad else ".")
+      f"the spread stated in {path}" + (f"; {len(bad)} do not." if bad else ".")
     )
     return 1 if bad else 0
   if args.summary is None:
     parser.error("the summary argument is required (unless --check is given)")
   summary = json.loads(args.summary.read_text())
-  if args.write:
-    names = write(args.write, summary)
-    print(f"wrote blocks {', '.join(names) or '(none found)'} into {args.write}")
+  if args.write is not None:
+    if args.write:
+      paths = [Path(args.write)]
+    else:
+      paths = [_default(DEFAULT_RESULTS), _default(DEFAULT_README)]
+    for path in paths:
+      names = write(path, summary)
+      print(f"wrote blocks {', '.join(names) or '(none found)'} into {path}")
   else:
     for name, parts in blocks(summary).items():
       print(f"{_OPEN.format(name)}\n{block_text(name, parts, summary)}\n{_CLOSE.format(name)}\n")

@@ -222,15 +222,15 @@ def test_attention_heads_split_over_a_model_axis_teleport_like_one_device():
   check_same_training(*runs, rtol=1e-4)
 
 
-# ------------------------------------------------------------------ README
-def test_the_readme_multiple_devices_example_runs_and_keeps_its_shardings():
-  readme = pathlib.Path(__file__).resolve().parents[2] / "README.md"
+# ------------------------------------------------------------ documentation
+def test_the_multiple_devices_example_runs_and_keeps_its_shardings():
+  page = pathlib.Path(__file__).resolve().parents[2] / "docs" / "multiple_devices.md"
   block = re.search(
-    r"<!-- example:multiple-devices -->\n```python\n(.*?)```", readme.read_text(), re.S
+    r"<!-- example:multiple-devices -->\n```python\n(.*?)```", page.read_text(), re.S
   )
-  assert block, "README.md has no multiple-devices example"
+  assert block, "docs/multiple_devices.md has no multiple-devices example"
   ns: dict[str, Any] = {}
-  exec(compile(block.group(1), "README.md", "exec"), ns)  # noqa: S102
+  exec(compile(block.group(1), "docs/multiple_devices.md", "exec"), ns)  # noqa: S102
   assert ns["mesh"].size == 8
   assert int(ns["state"].num_teleports) == 1
   assert ns["step"]._cache_size() == 1
