@@ -1,7 +1,9 @@
 """Shared fixtures: x64 on (float32 tests create float32 arrays explicitly)."""
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 
 # The suite is compile-bound (hundreds of small jitted programs, each run a few
@@ -21,6 +23,18 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+# Identical programs recur across tests (the same teleport of the same problem,
+# compiled afresh by each test's own closures): a compilation cache shared by
+# the session's processes (xdist workers inherit the directory from the
+# controller, which loads this file first) compiles each program once. It only
+# stores executables that XLA would build identically; no semantics change.
+if "TELEPORT_JAX_TEST_XLA_CACHE" not in os.environ:
+  os.environ["TELEPORT_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="teleport_jax_test_xla_")
+  atexit.register(shutil.rmtree, os.environ["TELEPORT_JAX_TEST_XLA_CACHE"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["TELEPORT_JAX_TEST_XLA_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 DTYPES = (jnp.float32, jnp.float64)
 

@@ -119,7 +119,7 @@ def test_balancing_refuses_a_group_without_sites():
     tj.Balance().element(tj.booth_symmetry(), jnp.ones(2))
 
 
-@pytest.mark.parametrize("target", ["norm", "grad"])
+@pytest.mark.parametrize("target", ["norm", pytest.param("grad", marks=pytest.mark.slow)])
 def test_balancing_a_cnn_balances_the_channels_a_flatten_spreads_over_dense_rows(target):
   # the last convolution's channels are read by the dense layer through a flatten:
   # channel c owns rows c, c + C, ... of the dense kernel (a reshaped slot)
@@ -251,6 +251,7 @@ def _lapack_operand_ranks(hlo: str) -> list[int]:
   return ranks
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU runtime matter")
 def test_balancing_a_transformer_calls_lapack_one_matrix_at_a_time_on_a_cpu():
   # jaxlib's batched CPU LAPACK kernels (before 0.11.1) wait on the thread pool they

@@ -17,8 +17,8 @@ import pytest
 
 import teleport_jax as tj
 import teleport_jax.models as zoo
-from teleport_jax._src import finders
-from teleport_jax._src import groups
+from teleport_jax._src.symmetries import finders
+from teleport_jax._src.symmetries import groups
 
 FRAMEWORKS = ("linen", "nnx")
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -374,7 +374,14 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# the MLP and CNN families in the default run; the larger ones with -m slow
+SLOW_FAMILIES = ("transformer", "lora_mlp", "residual_mlp")
+
+
+@pytest.mark.parametrize(
+  "family",
+  [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES],
+)
 def test_jitted_teleport_of_each_family_is_accepted(family):
   build, find = FAMILIES[family]
   m = build()

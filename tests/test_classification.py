@@ -32,6 +32,7 @@ def digits_summary(tmp_path_factory):
     return classification.run(config, settings=TINY), out
 
 
+@pytest.mark.slow
 def test_summary_has_the_contract(digits_summary):
   summary, out = digits_summary
   assert summary["dataset"] == "sklearn_digits"

@@ -13,9 +13,9 @@ import pytest
 
 import teleport_jax as tj
 from teleport_jax import models as zoo
-from teleport_jax._src.discovery import Discovered
-from teleport_jax._src.discovery import find_symmetries
-from teleport_jax._src.discovery import verify
+from teleport_jax._src.discovery.discovery import Discovered
+from teleport_jax._src.discovery.discovery import find_symmetries
+from teleport_jax._src.discovery.discovery import verify
 
 FRAMEWORKS = ("linen", "nnx")
 # invariance and group laws: relative, per dtype (the acceptance bounds)
@@ -355,7 +355,12 @@ def test_verify_refuses_a_hand_declared_rescaling_across_gelu():
 @pytest.mark.parametrize(
   "make",
   [
-    lambda: zoo.transformer(vocab=8, d_model=8, heads=2, layers=1, context=4, mlp_ratio=2, batch=2),
+    pytest.param(
+      lambda: zoo.transformer(
+        vocab=8, d_model=8, heads=2, layers=1, context=4, mlp_ratio=2, batch=2
+      ),
+      marks=pytest.mark.slow,
+    ),
     lambda: zoo.cnn(channels=(2,), dense=(4, 3), image=(4, 4, 1), batch=4),
   ],
   ids=["transformer", "cnn"],

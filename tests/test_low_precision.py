@@ -10,11 +10,11 @@ import pytest
 
 import teleport_jax as tj
 from teleport_jax import models as zoo
-from teleport_jax._src import check as check_lib
-from teleport_jax._src import labels as labels_lib
-from teleport_jax._src import tracing
-from teleport_jax._src.discovery import find_symmetries
-from teleport_jax._src.discovery import verify
+from teleport_jax._src.core import tracing
+from teleport_jax._src.discovery import labels as labels_lib
+from teleport_jax._src.discovery.discovery import find_symmetries
+from teleport_jax._src.discovery.discovery import verify
+from teleport_jax._src.symmetries import check as check_lib
 
 LOW = (jnp.bfloat16, jnp.float16)
 LOW_IDS = ("bfloat16", "float16")
@@ -198,8 +198,16 @@ def _check_run(run, dtype, *, need_teleport):
   assert _finite((params, state.inner_state)) and np.all(np.isfinite(losses))
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", ["cnn", "transformer"])
+@pytest.mark.parametrize(
+  "name,policy",
+  [
+    (name, policy)
+    if (name, policy) == ("cnn", "transport")
+    else pytest.param(name, policy, marks=pytest.mark.slow)
+    for name in ("cnn", "transformer")
+    for policy in POLICIES
+  ],
+)
 def test_with_teleport_adamw_trains_bfloat16(name, policy, model, discover):
   m = model(name, jnp.bfloat16)
   run = _train(m, discover(name, jnp.bfloat16), _f32_cross_entropy(m), optax.adamw(1e-3), policy)
@@ -208,6 +216,7 @@ def test_with_teleport_adamw_trains_bfloat16(name, policy, model, discover):
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(mu))
 
 
+@pytest.mark.slow
 def test_with_teleport_adamw_trains_float16(model, discover):
   m = model("cnn", jnp.float16)
   # AdamW's default eps (1e-8) is zero in float16: its update is 0/0 for any zero gradient
@@ -216,6 +225,7 @@ def test_with_teleport_adamw_trains_float16(model, discover):
   _check_run(run, jnp.float16, need_teleport=True)
 
 
+@pytest.mark.slow
 def test_with_teleport_adamw_runs_on_a_bfloat16_loss(model, discover):
   # the loss itself in bfloat16: its resolution (2**-8 of the loss) is coarser than the gain
   # five AdamW(1e-3) steps show, so a teleport may find nothing; it must still run and keep

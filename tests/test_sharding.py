@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).parent
 
 # XLA's CPU client runs the emulated devices' programs on one thread pool of
@@ -13,7 +15,7 @@ HERE = pathlib.Path(__file__).parent
 # rendezvous whose remaining participants are still queued behind them, XLA
 # aborts after 40 s ("Termination timeout ... Expected 8 threads to join the
 # rendezvous"). On 2 loaded cores that happened in 1 of 20 runs of the
-# README example. A pool four times the device count leaves threads free for
+# docs/multiple_devices.md example. A pool four times the device count leaves threads free for
 # the queued participants; should XLA still abort that way, the run is repeated
 # once (any other failure, or the same abort twice, fails the test).
 _POOL_THREADS = "32"
@@ -24,6 +26,7 @@ def _fatal_lines(out: str) -> str:
   return "\n".join(line for line in out.splitlines() if line.startswith("F"))[:3000]
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device_on_eight_emulated_devices():
   env = dict(os.environ)
   flags = env.get("XLA_FLAGS", "")

@@ -65,7 +65,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{jnp.dtype(d).name}" for n, d in CASES])
+# the deep and the float64 rescaling case with -m slow
+SLOW_CASES = (("rescaling", jnp.float64), ("data_gl_deep", jnp.float64))
+
+
+@pytest.mark.parametrize(
+  "name,dtype",
+  [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES],
+  ids=[f"{n}-{jnp.dtype(d).name}" for n, d in CASES],
+)
 def test_transported_gradient_momentum_and_moments_match_the_new_point(name, dtype):
   sym, loss, params, data = _case(name, dtype)
   g = _element(sym, params)

@@ -108,6 +108,7 @@ def test_state_policy_keep_or_reset(policy):
   assert int(adam_state.count) == (4 if policy == "keep" else 1)
 
 
+@pytest.mark.slow
 def test_schedules_every_and_first():
   params, data = published_problem(4)
   for schedule, expected in (
@@ -186,6 +187,7 @@ def test_teleport_speeds_up_early_gd_on_published_problem():
   assert tele[-1] < plain[-1]
 
 
+@pytest.mark.slow
 def test_flax_linen_and_nnx_models_train_with_teleport():
   import flax.linen as nn
   from flax import nnx
@@ -251,7 +253,9 @@ def test_adam_lookahead_teleports_when_some_coordinates_have_zero_gradient():
   assert int(state.num_teleports) == 2, tj.status_message(state.info)
 
 
-@pytest.mark.parametrize("backend", ["linesearch", "gradbalance"])
+@pytest.mark.parametrize(
+  "backend", [pytest.param("linesearch", marks=pytest.mark.slow), "gradbalance"]
+)
 def test_teleport_on_a_sub_batch_is_exact_on_the_whole_batch(backend):
   import functools
 
@@ -300,6 +304,7 @@ def test_teleport_batch_is_refused_where_a_sub_batch_would_not_be_exact():
     tj.with_teleport(optax.sgd(0.1), tj.PositiveRescaling(), [0], teleport_batch=0)
 
 
+@pytest.mark.slow
 def test_a_python_bool_decides_the_teleport_statically_without_a_conditional():
   params, data = published_problem(2)
   lr = 1e-4

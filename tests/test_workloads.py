@@ -38,6 +38,7 @@ def _transformer():
   return W.make_workload("char_transformer_relu", "smoke")
 
 
+@pytest.mark.slow
 def test_text_minibatches_are_windows_whose_targets_are_the_next_characters():
   wl = _transformer()
   x, y = jax.jit(wl.sample)(wl.train, jax.random.key(3))
@@ -138,6 +139,7 @@ def mlp_record():
   return W.run_workload("mlp_digits", "smoke", tuned=tuned), tuned
 
 
+@pytest.mark.slow
 def test_every_method_trains_and_the_teleports_stay_on_the_level_set(mlp_record):
   rec, tuned = mlp_record
   assert set(rec["methods"]) == set(W.METHODS)
@@ -155,6 +157,7 @@ def test_every_method_trains_and_the_teleports_stay_on_the_level_set(mlp_record)
   assert rec["loop_skip_overhead"] > 0
 
 
+@pytest.mark.slow
 def test_calling_the_step_or_skipping_the_conditional_does_not_change_the_training():
   """The CNNs' per-step calls and the split programs train as one compiled scan does."""
   wl = W.make_workload("cnn_digits", "smoke")
