@@ -61,6 +61,7 @@ def test_summary_has_the_contract(digits_summary):
   json.dumps(summary)  # serialisable as it is
 
 
+@pytest.mark.slow
 def test_losses_finite_and_teleports_exact(digits_summary):
   summary, _ = digits_summary
   for m, r in summary["runs"].items():

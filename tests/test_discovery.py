@@ -143,10 +143,19 @@ def test_dimension_matches_the_analytic_count(name, framework):
   assert len(d.sites) == len(d.parts) == len(d.checks)
 
 
+# float64 for one model of each kind in the default run, for every model with -m slow
+FLOAT64_FAST = ("mlp", "cnn_batchnorm", "transformer", "lora")
+
+
 @pytest.mark.parametrize(
   "name, framework, dtype",
   [(n, f, jnp.float32) for n in CASES for f in FRAMEWORKS]
-  + [(n, "linen", jnp.float64) for n in CASES],
+  + [
+    (n, "linen", jnp.float64)
+    if n in FLOAT64_FAST
+    else pytest.param(n, "linen", jnp.float64, marks=pytest.mark.slow)
+    for n in CASES
+  ],
 )
 def test_outputs_are_unchanged_under_random_elements(name, framework, dtype):
   m = model(name, framework, dtype)
@@ -393,6 +402,7 @@ def test_diagonal_sites_transport_cotangents_elementwise():
   assert d.diagonal_transport
 
 
+@pytest.mark.slow
 def test_discovered_symmetry_teleports_a_vmap_over_seeds():
   models = [zoo.cnn(channels=(2,), dense=(4, 3), image=(4, 4, 1), batch=4, seed=s) for s in (0, 1)]
   d = find_symmetries(models[0].apply, models[0].params, models[0].inputs)

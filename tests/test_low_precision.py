@@ -200,10 +200,10 @@ def _check_run(run, dtype, *, need_teleport):
 
 @pytest.mark.parametrize(
   "name,policy",
-  [
-    (name, policy)
-    if (name, policy) == ("cnn", "transport")
-    else pytest.param(name, policy, marks=pytest.mark.slow)
+  # the MLP in the default run; the CNN and the transformer, every policy, with -m slow
+  [("mlp", "transport")]
+  + [
+    pytest.param(name, policy, marks=pytest.mark.slow)
     for name in ("cnn", "transformer")
     for policy in POLICIES
   ],

@@ -132,7 +132,7 @@ def test_rescaling_second_moment_factor_is_the_square_of_the_cotangent_factor():
     pytest.param(lambda: optax.sgd(1e-2, momentum=0.9), marks=pytest.mark.slow),
     pytest.param(lambda: optax.rmsprop(1e-3), marks=pytest.mark.slow),
     pytest.param(lambda: optax.adagrad(1e-2), marks=pytest.mark.slow),
-    lambda: optax.adam(1e-3),
+    pytest.param(lambda: optax.adam(1e-3), marks=pytest.mark.slow),
   ],
   ids=["momentum", "rmsprop", "adagrad", "adam"],
 )

@@ -337,7 +337,7 @@ def test_a_python_bool_decides_the_teleport_statically_without_a_conditional():
     update(jnp.asarray(True), state)
 
 
-@pytest.mark.parametrize("backend", ["lie", "linesearch"])
+@pytest.mark.parametrize("backend", ["lie", pytest.param("linesearch", marks=pytest.mark.slow)])
 def test_warm_start_begins_the_next_search_at_the_previous_final_step_size(backend):
   from conftest import random_mlp
 

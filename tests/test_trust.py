@@ -101,6 +101,7 @@ def test_exact_rescaling_passes_the_check_at_the_rounding_level(dtype):
   assert float(info.rel_loss_drift) <= tj.default_rtol(dtype)
 
 
+@pytest.mark.slow
 def test_layer_order_comes_from_the_call_not_the_names():
   # names sort as hidden, input, output; the call order is input, hidden, output
   names = ("input_layer", "hidden_layer", "output_layer")
@@ -206,7 +207,11 @@ def test_low_precision_params_teleport_in_float32_and_keep_their_dtype(kind, low
     _same(new, params)
 
 
-@pytest.mark.parametrize("low", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize(
+  "low",
+  [jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)],
+  ids=["bfloat16", "float16"],
+)
 def test_low_precision_teleports_are_within_tolerance_or_keep_the_input_bits(low):
   params, data = published_problem(4)
   params = [w.astype(low) for w in params]
