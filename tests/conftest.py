@@ -123,3 +123,57 @@ def rel_change(a, b):
 @pytest.fixture(params=DTYPES, ids=["float32", "float64"])
 def dtype(request):
   return request.param
+
+
+# Variants of parameterized tests, and secondary checks, that run only with
+# ``-m slow``: the default run keeps one case of each behaviour (another dtype,
+# back-end, policy or model of the same check is here). Listed by node id so
+# that the policy reads in one place; an id that no longer names a collected
+# test fails the run.
+SLOW_VARIANTS = frozenset(
+  {
+    "test_transform.py::test_teleport_on_a_sub_batch_is_exact_on_the_whole_batch[gradbalance]",
+    "test_transform.py::test_vmap_over_seeds_of_a_teleporting_train_step",
+    "test_transform.py::test_state_policy_keep_or_reset[reset]",
+    "test_transform.py::test_chain_with_common_optimizers_teleports_on_schedule_under_jit[adagrad]",
+    "test_transform.py::test_chain_with_common_optimizers_teleports_on_schedule_under_jit[sgd]",
+    "test_transform.py::test_teleport_speeds_up_early_gd_on_published_problem",
+    "test_trust.py::test_exact_rescaling_passes_the_check_at_the_rounding_level[float64]",
+    "test_trust.py::test_low_precision_params_teleport_in_float32_and_keep_their_dtype[data_gl-float16]",
+    "test_trust.py::test_inject_hyperparams_around_with_teleport_runs_under_jit",
+    "test_solver.py::test_bias_and_linen_layout_teleport",
+    "test_solver.py::test_max_objective_raises_gradient_norm_and_keeps_loss[float64-data_gl]",
+    "test_solver.py::test_max_objective_raises_gradient_norm_and_keeps_loss[float64-rescale]",
+    "test_solver.py::test_teleport_helps_gradient_descent_on_published_problem",
+    "test_solver.py::test_plain_unnormalised_steps_without_safeguard_run",
+    "test_balancing.py::test_gl_balancing_by_matrix_geometric_mean_lowers_its_target[grad]",
+    "test_balancing.py::test_norm_balancing_keeps_the_function_and_balances_every_hidden_neuron[7-widths1-float64]",
+    "test_balancing.py::test_norm_balancing_keeps_the_function_and_balances_every_hidden_neuron[7-widths1-float32]",
+    "test_discovery.py::test_vit_like_tree_is_not_read_as_one_mlp_chain",
+    "test_discovery.py::test_group_laws[transformer_relu_rms-float64]",
+    "test_actions.py::test_data_dependent_hidden_features_transform_by_g[float32]",
+    "test_catalogue.py::test_outputs_unchanged_by_a_random_group_element[transformer_layernorm_gelu-linen-float64]",
+    "test_catalogue.py::test_outputs_unchanged_by_a_random_group_element[transformer_gqa_interleaved_rotary_reglu-linen-float64]",
+    "test_catalogue.py::test_rescaling_across_a_smooth_activation_is_refused_by_teleport[silu]",
+    "test_catalogue.py::test_rescaling_across_a_smooth_activation_is_refused_by_teleport[tanh]",
+    "test_geometry.py::test_teleport_moves_objective_on_published_regression_with_data_gl[curvature-True-float64]",
+    "test_geometry.py::test_teleport_moves_objective_on_mlp_with_rescaling[curvature-False-float64]",
+    "test_backends.py::test_with_teleport_runs_group_free_backends[levelset-reset]",
+    "test_repeated_teleports.py::test_a_teleport_told_the_optimizer_keeps_its_step_sharpness_bounded[learning_rate]",
+    "test_state_transport.py::test_transported_gradient_momentum_and_moments_match_the_new_point[data_gl-float32]",
+  }
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  seen, files = set(), set()
+  for item in items:
+    rel = item.nodeid.split("tests/", 1)[-1]
+    files.add(rel.split("::", 1)[0])
+    if rel in SLOW_VARIANTS:
+      item.add_marker(pytest.mark.slow)
+      seen.add(rel)
+  missing = sorted(n for n in SLOW_VARIANTS - seen if n.split("::", 1)[0] in files)
+  if missing:
+    raise pytest.UsageError(f"SLOW_VARIANTS names tests that do not exist: {missing}")
