@@ -33,12 +33,12 @@ cotangents; second moments exactly by the squared factor under rescaling, kept
 under the GL action). The measure is the final training loss, mean and standard
 deviation over seeds.
 
-Measured (tables in docs/results.md): transporting momentum on the
-regression problem diverges. The transport is exact (the transported momentum
-equals the gradient at the teleported point, see the tests), but after 5 steps
-from the published initialisation the momentum is dominated by the first,
-huge gradients, and the teleport stretches exactly those directions, so the
-next step overshoots. ``keep`` carries the small old-coordinate momentum instead.
+Measured (tables in docs/results.md): no policy wins everywhere. On the
+regression problem, momentum ends within the spread over seeds under every
+policy; ``transport`` is exact (the transported momentum equals the gradient at
+the teleported point, see the tests) but, 5 steps from the published
+initialisation, that momentum is dominated by the first, huge gradients, which
+the teleport stretches, so it does not end lower than ``keep``.
 
 Learning rates (``LEARNING_RATES``) were tuned once per optimizer *without*
 teleport (:func:`tune` reproduces the search): on a grid of half-decades
