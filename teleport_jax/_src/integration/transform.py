@@ -351,6 +351,105 @@ def with_teleport(
     >>> int(state.num_teleports)
     1
   """
+  s = _resolve_settings(
+    optimizer,
+    symmetry,
+    schedule,
+    config=config,
+    objective=objective,
+    solver_backend=solver_backend,
+    num_steps=num_steps,
+    step_size=step_size,
+    normalize=normalize,
+    safeguard=safeguard,
+    max_step_size=max_step_size,
+    rtol=rtol,
+    stability=stability,
+    check=check,
+    state_policy=state_policy,
+    grad_rtol=grad_rtol,
+    verify=verify,
+    teleport_batch=teleport_batch,
+    warm_start=warm_start,
+  )
+
+  def init_fn(params):
+    return _init_state(s, params)
+
+  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
+    if params is None:
+      raise ValueError("params must be passed to update: teleporting moves them.")
+    if value_fn is None:
+      raise ValueError(
+        "value_fn must be passed to update (value_fn(params, **batch) -> loss), "
+        "following optax's convention for transformations that need the loss."
+      )
+    _check_chain_position(update_fn)  # reads the caller's frame: keep it in update_fn
+    teleport = extra_args.pop("teleport", None)
+    if teleport is not None and not isinstance(teleport, (bool, np.bool_)):
+      raise TypeError(
+        "teleport must be None (the schedule decides) or a Python bool (static: use "
+        f"jax.jit(..., static_argnames=...) for it), got {type(teleport).__name__}."
+      )
+    return _update(s, updates, state, params, value_fn, teleport, extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Settings:
+  """:func:`with_teleport`'s arguments, validated and resolved (made once per optimizer).
+
+  Attributes:
+    optimizer: the wrapped optimizer, with extra-args support.
+    symmetry: the group (``None`` for group-free back-ends).
+    schedule: the schedule, as a :class:`~teleport_jax.Schedule`.
+    cfg: the resolved :class:`~teleport_jax.TeleportConfig`.
+    state_policy: ``"keep"``, ``"reset"`` or ``"transport"``.
+    grad_rtol: the checked ``grad_rtol``.
+    verify: ``"always"`` or ``"first"`` (``"auto"`` resolved).
+    teleport_batch: the teleport batch size, or ``None``.
+    warm_start: whether each search starts at the previous final step size.
+    lean: whether later teleports transport the gradient instead of recomputing it.
+    track: whether the back-end is asked to track its group element.
+  """
+
+  optimizer: optax.GradientTransformationExtraArgs
+  symmetry: sym_lib.Symmetry | None
+  schedule: sched_lib.Schedule
+  cfg: solver.TeleportConfig
+  state_policy: str
+  grad_rtol: Any
+  verify: str
+  teleport_batch: int | None
+  warm_start: bool
+  lean: bool
+  track: bool
+
+
+def _resolve_settings(
+  optimizer,
+  symmetry,
+  schedule,
+  *,
+  config,
+  objective,
+  solver_backend,
+  num_steps,
+  step_size,
+  normalize,
+  safeguard,
+  max_step_size,
+  rtol,
+  stability,
+  check,
+  state_policy,
+  grad_rtol,
+  verify,
+  teleport_batch,
+  warm_start,
+) -> _Settings:
+  """Validates :func:`with_teleport`'s arguments (in a fixed order) and resolves them."""
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(
       f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}."
@@ -411,183 +510,285 @@ def with_teleport(
         "(a teleport found on part of the batch is exact on the rest only then); got "
         f"symmetry {type(symmetry).__name__} and back-end {type(cfg.solver).__name__}."
       )
-  optimizer = optax.with_extra_args_support(optimizer)
   lean = verify == "first" and symmetry is not None and not symmetry.needs_data
-  track = (
-    state_policy == "transport"
-    or (lean and cfg.solver.tracks_element)
-    or teleport_batch is not None
+  return _Settings(
+    optimizer=optax.with_extra_args_support(optimizer),
+    symmetry=symmetry,
+    schedule=schedule,
+    cfg=cfg,
+    state_policy=state_policy,
+    grad_rtol=grad_rtol,
+    verify=verify,
+    teleport_batch=teleport_batch,
+    warm_start=warm_start,
+    lean=lean,
+    track=(
+      state_policy == "transport"
+      or (lean and cfg.solver.tracks_element)
+      or teleport_batch is not None
+    ),
   )
 
-  def init_fn(params):
-    # No leaves: optax.tree_map_params's placeholder (only the structure counts).
-    dtype = solver.params_dtype(params) if jax.tree.leaves(params) else jnp.float32
-    return TeleportState(
-      count=jnp.zeros((), jnp.int32),
-      inner_state=optimizer.init(params),
-      schedule=schedule,
-      info=solver.empty_info(dtype, cfg.solver),
-      num_teleports=jnp.zeros((), jnp.int32),
-      num_rejected=jnp.zeros((), jnp.int32),
-      max_rel_loss_drift=jnp.zeros((), solver.compute_dtype(dtype)),
-      verified=jnp.asarray(False),
+
+def _init_state(s: _Settings, params) -> TeleportState:
+  """:func:`with_teleport`'s ``init``."""
+  # No leaves: optax.tree_map_params's placeholder (only the structure counts).
+  dtype = solver.params_dtype(params) if jax.tree.leaves(params) else jnp.float32
+  return TeleportState(
+    count=jnp.zeros((), jnp.int32),
+    inner_state=s.optimizer.init(params),
+    schedule=s.schedule,
+    info=solver.empty_info(dtype, s.cfg.solver),
+    num_teleports=jnp.zeros((), jnp.int32),
+    num_rejected=jnp.zeros((), jnp.int32),
+    max_rel_loss_drift=jnp.zeros((), solver.compute_dtype(dtype)),
+    verified=jnp.asarray(False),
+  )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Step:
+  """One ``update`` call's inputs, as the teleport and plain branches read them.
+
+  Attributes:
+    s: the optimizer's settings.
+    updates: the incoming updates.
+    state: the incoming :class:`TeleportState`.
+    params: the parameters.
+    value_fn: the loss, ``value_fn(params, **extra_args)``.
+    extra_args: ``update``'s other keyword arguments (``value``/``grad``/``teleport`` removed).
+    value: the loss at ``params`` if the caller passed it, else ``None``.
+    data: the keyword arguments ``value_fn`` accepts (the batch).
+    loss_fn: ``value_fn`` as ``loss_fn(params, data)``.
+    sym: the symmetry, bound to the loss and the batch.
+    state_at: the optimizer state at a candidate point under the state policy.
+    context: the objective's :class:`~teleport_jax.ObjectiveContext`.
+    up: ``params`` upcast to the compute dtype.
+  """
+
+  s: _Settings
+  updates: Any
+  state: TeleportState
+  params: Any
+  value_fn: Callable
+  extra_args: dict
+  value: Any
+  data: dict
+  loss_fn: _KeywordLoss
+  sym: Any
+  state_at: Callable
+  context: obj_lib.ObjectiveContext
+  up: Any
+
+
+def _update(s: _Settings, updates, state, params, value_fn, teleport, extra_args):
+  """:func:`with_teleport`'s ``update`` after the argument checks: one step, teleporting or not."""
+  value = extra_args.pop("value", None)  # optax's convention: the loss at params
+  extra_args.pop("grad", None)
+  data = _accepted_kwargs(value_fn, extra_args)
+  loss_fn = _KeywordLoss(value_fn)
+  symmetry = s.symmetry
+  if symmetry is not None and symmetry.needs_data and not data:
+    raise ValueError(
+      f"{type(symmetry).__name__} needs the batch: pass it to update as keyword "
+      "arguments that value_fn accepts (value_fn(params, x=..., y=...))."
     )
+  sym = solver.bind_and_validate(loss_fn, params, data, symmetry, s.cfg)
+  inner = state.inner_state
 
-  def update_fn(updates, state, params=None, *, value_fn=None, **extra_args):
-    if params is None:
-      raise ValueError("params must be passed to update: teleporting moves them.")
-    if value_fn is None:
-      raise ValueError(
-        "value_fn must be passed to update (value_fn(params, **batch) -> loss), "
-        "following optax's convention for transformations that need the loss."
-      )
-    _check_chain_position(update_fn)
-    teleport = extra_args.pop("teleport", None)
-    if teleport is not None and not isinstance(teleport, (bool, np.bool_)):
-      raise TypeError(
-        "teleport must be None (the schedule decides) or a Python bool (static: use "
-        f"jax.jit(..., static_argnames=...) for it), got {type(teleport).__name__}."
-      )
-    value = extra_args.pop("value", None)  # optax's convention: the loss at params
-    extra_args.pop("grad", None)
-    data = _accepted_kwargs(value_fn, extra_args)
-    loss_fn = _KeywordLoss(value_fn)
-    if symmetry is not None and symmetry.needs_data and not data:
-      raise ValueError(
-        f"{type(symmetry).__name__} needs the batch: pass it to update as keyword "
-        "arguments that value_fn accepts (value_fn(params, x=..., y=...))."
-      )
-    sym = solver.bind_and_validate(loss_fn, params, data, symmetry, cfg)
-    inner = state.inner_state
+  def state_at(p, g):
+    if s.state_policy == "reset":
+      return s.optimizer.init(p)
+    if s.state_policy == "transport" and g is not None:
+      return state_transport.transport_state(inner, params, p, g, symmetry=sym, data=data)
+    return inner
 
-    def state_at(p, g):
-      if state_policy == "reset":
-        return optimizer.init(p)
-      if state_policy == "transport" and g is not None:
-        return state_transport.transport_state(inner, params, p, g, symmetry=sym, data=data)
-      return inner
+  context = obj_lib.ObjectiveContext(s.optimizer, state_at, dict(value_fn=value_fn, **extra_args))
+  step = _Step(
+    s=s,
+    updates=updates,
+    state=state,
+    params=params,
+    value_fn=value_fn,
+    extra_args=extra_args,
+    value=value,
+    data=data,
+    loss_fn=loss_fn,
+    sym=sym,
+    state_at=state_at,
+    context=context,
+    up=solver._upcast(params),
+  )
+  run_cfg = _warm_start_config(s, state, params)
 
-    context = obj_lib.ObjectiveContext(optimizer, state_at, dict(value_fn=value_fn, **extra_args))
+  def teleport_branch(_):
+    return _teleport_step(step, run_cfg)
 
-    up = solver._upcast(params)
-    verified = state.verified if verify == "first" else False
+  def skip_branch(_):
+    return _plain_step(step)
 
-    def full(_):
-      loss0, g0 = jax.value_and_grad(loss_fn)(up, data)
-      # the incoming updates must be the loss gradient at params (nothing transformed them)
-      diff = optax.tree.norm(optax.tree.sub(updates, optax.tree.cast_like(g0, updates)))
-      ref = jnp.maximum(optax.tree.norm(g0), jnp.finfo(jnp.result_type(loss0)).tiny)
-      return loss0, g0, diff > grad_rtol * ref
+  if teleport is None:  # the schedule decides, inside the program
+    do = state.schedule(state.count)
+    out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
+  else:  # decided in Python: one branch only, no conditional in the program
+    do = jnp.asarray(bool(teleport))
+    out, inner_state, info = (teleport_branch if teleport else skip_branch)(None)
+  out = _shard_like(out, updates)
+  inner_state = _shard_like(inner_state, state.inner_state)
+  return out, _next_state(state, do, inner_state, info)
 
-    def trusted(_):
-      loss_dtype = jax.eval_shape(loss_fn, up, data).dtype
-      loss0 = loss_fn(up, data) if value is None else jnp.asarray(value)
-      g0 = optax.tree.cast_like(updates, up)
-      return loss0.astype(loss_dtype), g0, jnp.asarray(False)
 
-    run_cfg = cfg
-    if warm_start:
-      base = jnp.asarray(cfg.solver.step_size, solver.compute_dtype(solver.params_dtype(params)))
-      prev = state.info.final_step_size.astype(base.dtype)
-      tried = (state.num_teleports + state.num_rejected) > 0
-      use = tried & jnp.isfinite(prev) & (prev > 0)
-      eta0 = jnp.where(use, jnp.clip(prev, base / 8, cfg.solver.max_step_size), base)
-      run_cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, step_size=eta0))
+def _warm_start_config(s: _Settings, state: TeleportState, params) -> solver.TeleportConfig:
+  """The configuration the search runs with: with ``warm_start``, at the last final step size."""
+  cfg = s.cfg
+  if not s.warm_start:
+    return cfg
+  base = jnp.asarray(cfg.solver.step_size, solver.compute_dtype(solver.params_dtype(params)))
+  prev = state.info.final_step_size.astype(base.dtype)
+  tried = (state.num_teleports + state.num_rejected) > 0
+  use = tried & jnp.isfinite(prev) & (prev > 0)
+  eta0 = jnp.where(use, jnp.clip(prev, base / 8, cfg.solver.max_step_size), base)
+  return dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, step_size=eta0))
 
-    def teleport_branch(_):
-      if verify == "first":
-        loss0, g0, transformed = jax.lax.cond(verified, trusted, full, None)
-      else:
-        loss0, g0, transformed = full(None)
-      if teleport_batch is None:
-        new_params, info, grads, g = solver.run(
-          loss_fn,
-          params,
-          data,
-          sym,
-          run_cfg,
-          context,
-          track_element=track,
-          value_and_grad0=(loss0, g0),
-          skip_check=verified,
-          transport_gradient=lean,
-        )
-      else:
-        part = _first_examples(data, teleport_batch)
-        sub_context = obj_lib.ObjectiveContext(
-          optimizer, state_at, dict(value_fn=value_fn, **{**extra_args, **part})
-        )
-        new_params, info, _, g = solver.run(
-          loss_fn, params, part, sym, run_cfg, sub_context, track_element=True, skip_check=verified
-        )
-        # the whole batch's gradient at the new point: the incoming one, transported
-        grads = state_transport.transport_cotangent(
-          g0, up, solver._upcast(new_params), g, symmetry=sym
-        )
-      ok = info.accepted & ~transformed
-      info = info._replace(
-        accepted=ok,
-        status=jnp.where(
-          transformed, solver.TeleportStatus.TRANSFORMED_UPDATES, info.status
-        ).astype(jnp.int32),
-      )
-      new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
-      grads = jax.tree_util.tree_map(
-        lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), grads, updates
-      )
-      moved_inner = inner
-      if state_policy == "reset":
-        fresh = optimizer.init(new_params)
-        moved_inner = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), fresh, inner)
-      elif state_policy == "transport":
-        moved = state_transport.transport_state(
-          inner, params, new_params, g, symmetry=sym, data=data
-        )
-        moved_inner = jax.tree_util.tree_map(
-          lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), moved, inner
-        )
-      info = jax.tree_util.tree_map(
-        lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, state.info
-      )
-      jax.debug.callback(_warn_if_configuration, info.status)
-      inner_updates, inner_state = optimizer.update(
-        grads, moved_inner, new_params, value_fn=value_fn, **extra_args
-      )
-      out = optax.tree.add(optax.tree.sub(new_params, params), inner_updates)
-      return optax.tree.cast_like(out, updates), inner_state, info
 
-    def skip_branch(_):
-      # exactly the wrapped optimizer's step: nothing else on the common path
-      inner_updates, inner_state = optimizer.update(
-        updates, inner, params, value_fn=value_fn, **extra_args
-      )
-      return optax.tree.cast_like(inner_updates, updates), inner_state, state.info
+def _verified(step: _Step):
+  """Whether the full checks can be skipped (``verify="first"`` after an accepted teleport)."""
+  return step.state.verified if step.s.verify == "first" else False
 
-    if teleport is None:  # the schedule decides, inside the program
-      do = state.schedule(state.count)
-      out, inner_state, info = jax.lax.cond(do, teleport_branch, skip_branch, None)
-    else:  # decided in Python: one branch only, no conditional in the program
-      do = jnp.asarray(bool(teleport))
-      out, inner_state, info = (teleport_branch if teleport else skip_branch)(None)
-    out = _shard_like(out, updates)
-    inner_state = _shard_like(inner_state, state.inner_state)
-    accepted = do & info.accepted
-    return out, TeleportState(
-      count=optax.safe_increment(state.count),
-      inner_state=inner_state,
-      schedule=state.schedule,
-      info=info,
-      num_teleports=state.num_teleports + accepted.astype(jnp.int32),
-      num_rejected=state.num_rejected + (do & ~info.accepted).astype(jnp.int32),
-      max_rel_loss_drift=jnp.where(
-        accepted,
-        jnp.maximum(state.max_rel_loss_drift, info.rel_loss_drift),
-        state.max_rel_loss_drift,
-      ).astype(state.max_rel_loss_drift.dtype),
-      verified=state.verified | accepted,
+
+def _loss_and_grad0(step: _Step):
+  """``(loss, gradient, transformed)`` at ``params``; ``transformed``: the updates are not it."""
+  updates, loss_fn, up, data = step.updates, step.loss_fn, step.up, step.data
+
+  def full(_):
+    loss0, g0 = jax.value_and_grad(loss_fn)(up, data)
+    # the incoming updates must be the loss gradient at params (nothing transformed them)
+    diff = optax.tree.norm(optax.tree.sub(updates, optax.tree.cast_like(g0, updates)))
+    ref = jnp.maximum(optax.tree.norm(g0), jnp.finfo(jnp.result_type(loss0)).tiny)
+    return loss0, g0, diff > step.s.grad_rtol * ref
+
+  def trusted(_):
+    loss_dtype = jax.eval_shape(loss_fn, up, data).dtype
+    loss0 = loss_fn(up, data) if step.value is None else jnp.asarray(step.value)
+    g0 = optax.tree.cast_like(updates, up)
+    return loss0.astype(loss_dtype), g0, jnp.asarray(False)
+
+  if step.s.verify == "first":
+    return jax.lax.cond(_verified(step), trusted, full, None)
+  return full(None)
+
+
+def _search(step: _Step, run_cfg: solver.TeleportConfig, loss0, g0):
+  """Runs the back-end: ``(new_params, info, grads at new_params, g)``, as :func:`solver.run`."""
+  s, verified = step.s, _verified(step)
+  if s.teleport_batch is None:
+    return solver.run(
+      step.loss_fn,
+      step.params,
+      step.data,
+      step.sym,
+      run_cfg,
+      step.context,
+      track_element=s.track,
+      value_and_grad0=(loss0, g0),
+      skip_check=verified,
+      transport_gradient=s.lean,
     )
+  part = _first_examples(step.data, s.teleport_batch)
+  sub_context = obj_lib.ObjectiveContext(
+    s.optimizer, step.state_at, dict(value_fn=step.value_fn, **{**step.extra_args, **part})
+  )
+  new_params, info, _, g = solver.run(
+    step.loss_fn,
+    step.params,
+    part,
+    step.sym,
+    run_cfg,
+    sub_context,
+    track_element=True,
+    skip_check=verified,
+  )
+  # the whole batch's gradient at the new point: the incoming one, transported
+  grads = state_transport.transport_cotangent(
+    g0, step.up, solver._upcast(new_params), g, symmetry=step.sym
+  )
+  return new_params, info, grads, g
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+def _moved_inner_state(step: _Step, new_params, g, ok):
+  """The wrapped optimizer's state at the teleported point, under the state policy."""
+  s, inner = step.s, step.state.inner_state
+  if s.state_policy == "reset":
+    fresh = s.optimizer.init(new_params)
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), fresh, inner)
+  if s.state_policy == "transport":
+    moved = state_transport.transport_state(
+      inner, step.params, new_params, g, symmetry=step.sym, data=step.data
+    )
+    return jax.tree_util.tree_map(
+      lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), moved, inner
+    )
+  return inner
+
+
+def _teleport_step(step: _Step, run_cfg: solver.TeleportConfig):
+  """The teleport branch: teleport, then the optimizer's step from the new point.
+
+  Returns ``(updates, inner_state, info)``; a rejected teleport keeps ``params``
+  and the incoming updates.
+  """
+  params, updates = step.params, step.updates
+  loss0, g0, transformed = _loss_and_grad0(step)
+  new_params, info, grads, g = _search(step, run_cfg, loss0, g0)
+  ok = info.accepted & ~transformed
+  info = info._replace(
+    accepted=ok,
+    status=jnp.where(transformed, solver.TeleportStatus.TRANSFORMED_UPDATES, info.status).astype(
+      jnp.int32
+    ),
+  )
+  new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
+  grads = jax.tree_util.tree_map(
+    lambda a, b: jnp.where(ok, a, b).astype(jnp.asarray(b).dtype), grads, updates
+  )
+  moved_inner = _moved_inner_state(step, new_params, g, ok)
+  info = jax.tree_util.tree_map(
+    lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, step.state.info
+  )
+  jax.debug.callback(_warn_if_configuration, info.status)
+  inner_updates, inner_state = step.s.optimizer.update(
+    grads, moved_inner, new_params, value_fn=step.value_fn, **step.extra_args
+  )
+  out = optax.tree.add(optax.tree.sub(new_params, params), inner_updates)
+  return optax.tree.cast_like(out, updates), inner_state, info
+
+
+def _plain_step(step: _Step):
+  """The branch without a teleport: exactly the wrapped optimizer's step."""
+  # nothing else on the common path
+  inner_updates, inner_state = step.s.optimizer.update(
+    step.updates, step.state.inner_state, step.params, value_fn=step.value_fn, **step.extra_args
+  )
+  return optax.tree.cast_like(inner_updates, step.updates), inner_state, step.state.info
+
+
+def _next_state(state: TeleportState, do, inner_state, info) -> TeleportState:
+  """The state after a step: the count advanced, the teleport's outcome recorded."""
+  accepted = do & info.accepted
+  return TeleportState(
+    count=optax.safe_increment(state.count),
+    inner_state=inner_state,
+    schedule=state.schedule,
+    info=info,
+    num_teleports=state.num_teleports + accepted.astype(jnp.int32),
+    num_rejected=state.num_rejected + (do & ~info.accepted).astype(jnp.int32),
+    max_rel_loss_drift=jnp.where(
+      accepted,
+      jnp.maximum(state.max_rel_loss_drift, info.rel_loss_drift),
+      state.max_rel_loss_drift,
+    ).astype(state.max_rel_loss_drift.dtype),
+    verified=state.verified | accepted,
+  )
 
 
 def _first_examples(data: dict, n: int) -> dict:
