@@ -161,6 +161,9 @@ SLOW_VARIANTS = frozenset(
     "test_backends.py::test_with_teleport_runs_group_free_backends[levelset-reset]",
     "test_repeated_teleports.py::test_a_teleport_told_the_optimizer_keeps_its_step_sharpness_bounded[learning_rate]",
     "test_state_transport.py::test_transported_gradient_momentum_and_moments_match_the_new_point[data_gl-float32]",
+    "test_balancing.py::test_norm_balancing_equalises_incoming_and_outgoing_norms_per_channel",
+    "test_safe_teleport.py::test_constrained_lookahead_teleport_lowers_the_lookahead_loss",
+    "test_catalogue.py::test_jitted_teleport_of_each_family_is_accepted[cnn]",
   }
 )
 
