@@ -45,6 +45,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from teleport_jax._src.core import paths as paths_lib
+from teleport_jax._src.core import precision
 from teleport_jax._src.core import tracing
 from teleport_jax._src.discovery import labels as labels_lib
 from teleport_jax._src.symmetries import groups as groups_lib
@@ -612,7 +613,7 @@ class _Checker:
 
   def __init__(self, apply_fn, params, args, kwargs, *, seed: int = 0, closed=None, widened=None):
     if widened is not None:  # the program in float32: parameters and inputs cast up
-      params, args = _upcast(params), _upcast(args)
+      params, args = precision.upcast(params), precision.upcast(args)
     self.params = params
     self.index = paths_lib.LeafIndex(params)
     self.treedef = jax.tree_util.tree_structure(params)
@@ -751,14 +752,6 @@ class _Checker:
     ]
     _, res = self.fj(point, t)
     return float(np.linalg.norm(np.asarray(res, np.float64)))
-
-
-def _upcast(tree):
-  """``tree`` with its bfloat16/float16 leaves in float32."""
-  return jax.tree_util.tree_map(
-    lambda x: x.astype(jnp.float32) if _is_float(x) and x.dtype in tracing.LOW_PRECISION else x,
-    tree,
-  )
 
 
 def _checker(apply_fn, params, args, kwargs, closed, program=None, *, native=None) -> _Checker:

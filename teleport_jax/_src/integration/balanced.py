@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src.core import precision
 from teleport_jax._src.solver import balancing
-from teleport_jax._src.solver import solver
 from teleport_jax._src.solver import state_transport
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
@@ -164,7 +164,7 @@ def balanced(
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError("params must be passed to update: balancing moves them.")
-    up = solver._upcast(params)
+    up = precision.upcast(params)
     inner = state.inner_state
     do = (state.count % every) == 0
 

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.experimental import shard_alike
 
+from teleport_jax._src.core import precision
 from teleport_jax._src.integration import schedules as sched_lib
 from teleport_jax._src.objectives import objectives as obj_lib
 from teleport_jax._src.objectives import stability as stab_lib
@@ -617,7 +618,7 @@ def _update(s: _Settings, updates, state, params, value_fn, teleport, extra_args
     sym=sym,
     state_at=state_at,
     context=context,
-    up=solver._upcast(params),
+    up=precision.upcast(params),
   )
   run_cfg = _warm_start_config(s, state, params)
 
@@ -710,7 +711,7 @@ def _search(step: _Step, run_cfg: solver.TeleportConfig, loss0, g0):
   )
   # the whole batch's gradient at the new point: the incoming one, transported
   grads = state_transport.transport_cotangent(
-    g0, step.up, solver._upcast(new_params), g, symmetry=step.sym
+    g0, step.up, precision.upcast(new_params), g, symmetry=step.sym
   )
   return new_params, info, grads, g
 

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src.core import precision
 from teleport_jax._src.core.errors import TeleportError
 from teleport_jax._src.objectives import objectives as obj_lib
 from teleport_jax._src.objectives import stability as stab_lib
@@ -222,7 +223,7 @@ IMPROVE_ROUNDING_ULPS = 64
 
 
 def _is_low_precision(dtype) -> bool:
-  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return jnp.dtype(dtype) in precision.LOW_PRECISION
 
 
 def params_dtype(params):
@@ -243,12 +244,6 @@ _params_dtype = params_dtype
 def compute_dtype(dtype):
   """float32 for bfloat16/float16 parameters, else the parameters' dtype."""
   return jnp.float32 if _is_low_precision(dtype) else jnp.dtype(dtype)
-
-
-def _upcast(tree):
-  return jax.tree_util.tree_map(
-    lambda x: x.astype(jnp.float32) if _is_low_precision(jnp.asarray(x).dtype) else x, tree
-  )
 
 
 def empty_info(dtype=jnp.float32, solver: backends.Solver | None = None) -> TeleportInfo:
@@ -520,7 +515,7 @@ def run(
   orig = params
   dtype0 = params_dtype(params)
   dtype = compute_dtype(dtype0)
-  params = _upcast(params)
+  params = precision.upcast(params)
   rtol = default_rtol(dtype0) if config.rtol is None else config.rtol
   eps = jnp.finfo(dtype).eps
   tiny = jnp.finfo(dtype).tiny
@@ -690,7 +685,7 @@ def run(
 
   cand = symmetry.act(params, out.g, data) if track else out.w
   new_c = optax.tree.cast_like(cand, orig)
-  cand_eval = _upcast(new_c)
+  cand_eval = precision.upcast(new_c)
   if transport_gradient and track and not symmetry.needs_data:
     from teleport_jax._src.solver import state_transport
 
@@ -974,7 +969,7 @@ def _raise_if_asked(info, config, loss_fn, params, data, symmetry):
     loss_of = lambda p: obj_lib.call_loss(loss_fn, p, data)  # noqa: E731
     dtype = compute_dtype(params_dtype(params))
     tol = config.check_tol or check_lib.default_check_tol(dtype)
-    diagnosis = check_lib.diagnose(loss_of, symmetry, _upcast(params), data, tol=tol)
+    diagnosis = check_lib.diagnose(loss_of, symmetry, precision.upcast(params), data, tol=tol)
     raise TeleportError(f"{status.name}: {diagnosis}")
   if config.throw and status != TeleportStatus.SUCCESSFUL:
     raise TeleportError(f"{status.name}: {status.message}")
