@@ -3,7 +3,7 @@ r"""Finding a model's continuous parameter symmetries from its own program.
 :func:`find_symmetries` traces ``apply_fn`` with ``jax.make_jaxpr``, follows
 every tensor axis through the program (:mod:`teleport_jax._src.discovery.labels`) to
 find which parameter axes must move together and what may lie between them,
-builds a :class:`~teleport_jax.Site` and the largest group the path allows for
+builds a :class:`~teleport_jax.symmetries.Site` and the largest group the path allows for
 each candidate (``GL`` across linear paths and attention ``q k^T``/``V O``
 pairs, rotations for a residual stream normalised by gain-free RMS norms,
 ``2 x 2`` rotary blocks, positive rescaling across ReLU, pooling, gates and
@@ -48,6 +48,7 @@ from teleport_jax._src.core import paths as paths_lib
 from teleport_jax._src.core import precision
 from teleport_jax._src.core import tracing
 from teleport_jax._src.discovery import labels as labels_lib
+from teleport_jax._src.discovery import propagation as propagation_lib
 from teleport_jax._src.symmetries import groups as groups_lib
 from teleport_jax._src.symmetries import sites as sites_lib
 from teleport_jax._src.symmetries import symmetry as sym_lib
@@ -152,7 +153,7 @@ def _table(checks: Sequence[SiteCheck], ok_column: bool = True) -> str:
 # ----------------------------------------------------------------- Discovered
 @dataclasses.dataclass(frozen=True, eq=False)
 class Discovered(sites_lib.Product):
-  """The symmetries :func:`find_symmetries` found and verified: a :class:`~teleport_jax.Product`.
+  """The symmetries :func:`find_symmetries` found and verified: a :class:`~teleport_jax.symmetries.Product`.
 
   Use it wherever a symmetry is accepted (:func:`teleport_jax.teleport`,
   :func:`teleport_jax.with_teleport`, :func:`teleport_jax.group_action`,
@@ -160,7 +161,7 @@ class Discovered(sites_lib.Product):
   per site. ``str(d)`` (or :meth:`report`) is a table a person can read.
 
   Attributes:
-    parts: one :class:`~teleport_jax.SiteSymmetry` per verified site.
+    parts: one :class:`~teleport_jax.symmetries.SiteSymmetry` per verified site.
     checks: the verified sites' measurements (same order as ``parts``).
     rejected: candidates that failed verification, with their errors.
     untouched_leaves: ``(path, reason)`` for every parameter leaf no site moves.
@@ -380,7 +381,7 @@ def _modules(paths: Sequence[Path], limit: int = 3) -> str:
 class _Analysis:
   """Candidates and reasons read off a finished propagation."""
 
-  def __init__(self, prop: labels_lib.Propagation, paths: list[Path], used: set[int]):
+  def __init__(self, prop: propagation_lib.Propagation, paths: list[Path], used: set[int]):
     self.prop = prop
     self.L = prop.labels
     self.paths = paths
@@ -1012,8 +1013,8 @@ def find_symmetries(apply_fn: Callable, params: chex.ArrayTree, *example_args, *
       ``rngs={"dropout": key}``, ``train=True``).
 
   Returns:
-    A :class:`Discovered`: a :class:`~teleport_jax.Product` of one
-    :class:`~teleport_jax.SiteSymmetry` per verified site, with a report
+    A :class:`Discovered`: a :class:`~teleport_jax.symmetries.Product` of one
+    :class:`~teleport_jax.symmetries.SiteSymmetry` per verified site, with a report
     (``str(d)``, ``d.sites``, ``d.dimension``, ``d.untouched``).
 
   Raises:
@@ -1043,7 +1044,7 @@ def find_symmetries(apply_fn: Callable, params: chex.ArrayTree, *example_args, *
   program = tracing.inline(closed)
   lap("trace")
   n_params = len(leaves)
-  prop = labels_lib.propagate(program, range(n_params), out_names)
+  prop = propagation_lib.propagate(program, range(n_params), out_names)
   used = _used_params(program, prop, n_params)
   analysis = _Analysis(prop, paths, used)
   cands, skipped = analysis.candidates()
@@ -1194,15 +1195,15 @@ def verify(
   r"""Checks numerically that ``symmetry`` leaves ``apply_fn``'s outputs unchanged.
 
   The same check :func:`find_symmetries` runs on its candidates, part by part
-  for a :class:`~teleport_jax.Product`: the relative output change under a
+  for a :class:`~teleport_jax.symmetries.Product`: the relative output change under a
   random element of moderate size, and the output's first-order change along
   random generators relative to a random move of the same leaves.
 
   Args:
     apply_fn: as for :func:`find_symmetries`.
     params: the parameter pytree.
-    symmetry: a data-free symmetry (a :class:`~teleport_jax.SiteSymmetry`, a
-      :class:`~teleport_jax.Product`, ...).
+    symmetry: a data-free symmetry (a :class:`~teleport_jax.symmetries.SiteSymmetry`, a
+      :class:`~teleport_jax.symmetries.Product`, ...).
     *example_args: example inputs.
     strict: raise a ``ValueError`` naming every failing part.
     **example_kwargs: keyword arguments of ``apply_fn``.
