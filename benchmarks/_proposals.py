@@ -47,7 +47,7 @@ def _pinv_apply(a, r, how: str):
 
 
 def _parts(params, x, act):
-  layout = tj.infer_layout(params)
+  layout = tj.symmetries.infer_layout(params)
   kernels, biases = layout.get(params)
   inputs, pre = layouts.mlp_forward(kernels, biases, act, x)
   return layout, list(kernels), list(biases), inputs, pre

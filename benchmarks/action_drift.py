@@ -68,12 +68,12 @@ def _random_xi(sym, params, key, scale):
   )
 
 
-ACT = tj.leaky_relu(0.1)  # the published experiments' activation
+ACT = tj.activations.leaky_relu(0.1)  # the published experiments' activation
 
 # name -> (symmetry, activation, biases, batch rule)
 CASES = {
   "PositiveRescaling (LeakyReLU, biases)": (tj.PositiveRescaling(), ACT, True, "any"),
-  "LinearGL (linear network, biases)": (tj.LinearGL(), tj.identity(), True, "any"),
+  "LinearGL (linear network, biases)": (tj.LinearGL(), tj.activations.identity(), True, "any"),
   "DataDependentGL exact, batch = width - 1": (
     tj.DataDependentGL(activation=ACT),
     ACT,

@@ -7,12 +7,12 @@ layer.
 
 Back-ends, all behind the same driver:
 
-* ``lie / rescaling``: :class:`teleport_jax.Lie` with the data-free
+* ``lie / rescaling``: :class:`teleport_jax.solvers.Lie` with the data-free
   :class:`teleport_jax.PositiveRescaling`;
-* ``lie / data-dependent GL``: :class:`teleport_jax.Lie` with
+* ``lie / data-dependent GL``: :class:`teleport_jax.solvers.Lie` with
   :class:`teleport_jax.DataDependentGL`;
-* ``nullspace``: :class:`teleport_jax.NullSpace` (no group);
-* ``levelset``: :class:`teleport_jax.LevelSet` (no group).
+* ``nullspace``: :class:`teleport_jax.solvers.NullSpace` (no group);
+* ``levelset``: :class:`teleport_jax.solvers.LevelSet` (no group).
 
 Timing (side by side in one process, :func:`benchmarks._common.time_side_by_side`):
 
@@ -65,9 +65,9 @@ LOOKAHEAD_LR = 1e-2
 
 def _backends(mode: str) -> dict:
   out = {
-    "lie / rescaling": dict(symmetry=tj.PositiveRescaling(), solver=tj.Lie()),
+    "lie / rescaling": dict(symmetry=tj.PositiveRescaling(), solver=tj.solvers.Lie()),
     "lie / data-dependent GL": dict(
-      symmetry=tj.DataDependentGL(activation=scaling.ACT), solver=tj.Lie()
+      symmetry=tj.DataDependentGL(activation=scaling.ACT), solver=tj.solvers.Lie()
     ),
     "nullspace": dict(solver=backends_lib.as_solver("nullspace")),
     "levelset": dict(solver=backends_lib.as_solver("levelset")),
@@ -79,7 +79,7 @@ def _backends(mode: str) -> dict:
 
 def _objective(name: str):
   if name == "lookahead":
-    return tj.lookahead_loss(LOOKAHEAD_LR, 5)
+    return tj.objectives.lookahead_loss(LOOKAHEAD_LR, 5)
   return obj_lib.as_objective(name)
 
 

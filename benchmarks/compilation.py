@@ -68,7 +68,7 @@ def _teleport_opt(mode: str, *, num_steps=None, objective=None, symmetry=None, s
     optax.sgd(regression.GD_LR),
     symmetry or regression.symmetry("exact"),
     schedule if schedule is not None else [regression.TELEPORT_EPOCH],
-    objective=objective or tj.lookahead_loss(regression.GD_LR, 5),
+    objective=objective or tj.objectives.lookahead_loss(regression.GD_LR, 5),
     num_steps=num_steps or 30,
     step_size=0.1,
   )
@@ -115,14 +115,14 @@ def run(mode: str) -> dict:
 
   # -- schedule changes on the same jitted function -------------------------------
   changes = [("initial: at_steps([5])", state.schedule)]
-  changes.append(("at_steps([9]) (same type and length)", tj.at_steps([9])))
-  changes.append(("at_steps([0])", tj.at_steps([0])))
+  changes.append(("at_steps([9]) (same type and length)", tj.schedules.at_steps([9])))
+  changes.append(("at_steps([0])", tj.schedules.at_steps([0])))
   if cfg["length_change"]:
-    changes.append(("at_steps([5, 25, 45]) (longer list)", tj.at_steps([5, 25, 45])))
-    changes.append(("at_steps([5], pad_to=3) (padded)", tj.at_steps([5], pad_to=3)))
+    changes.append(("at_steps([5, 25, 45]) (longer list)", tj.schedules.at_steps([5, 25, 45])))
+    changes.append(("at_steps([5], pad_to=3) (padded)", tj.schedules.at_steps([5], pad_to=3)))
   changes.append(("every(7) (Periodic: other type)", tj.every(7)))
   changes.append(("every(3, start=2, stop=50)", tj.every(3, start=2, stop=50)))
-  changes.append(("first(4)", tj.first(4)))
+  changes.append(("first(4)", tj.schedules.first(4)))
   changes.append(("every(7) again", tj.every(7)))
   sched_rows = []
   for label, sched in changes:
@@ -167,7 +167,7 @@ def run(mode: str) -> dict:
     compile_rows.append(r)
     r, *_ = _compile_row(
       "teleport, look-ahead 1 step (30 steps)",
-      _teleport_opt(mode, objective=tj.lookahead_loss(regression.GD_LR, 1)),
+      _teleport_opt(mode, objective=tj.objectives.lookahead_loss(regression.GD_LR, 1)),
       params,
       batch,
     )
@@ -185,8 +185,8 @@ def run(mode: str) -> dict:
   )  # fmt: skip
 
   # run time of the compiled step (teleport branch taken vs skipped)
-  s_tel = state._replace(schedule=tj.at_steps([0]))
-  s_skip = state._replace(schedule=tj.at_steps([10**6]))
+  s_tel = state._replace(schedule=tj.schedules.at_steps([0]))
+  s_skip = state._replace(schedule=tj.schedules.at_steps([10**6]))
   t = C.time_side_by_side(
     {
       "teleport_step": lambda: step(params, s_tel, batch),

@@ -54,7 +54,9 @@ def _solver_kwargs():
 def _symmetry(mode: str):
   if mode == "smoke":  # cheap stand-in so the smoke test compiles fast
     return tj.PositiveRescaling(), "PositiveRescaling (smoke stand-in)"
-  return tj.DataDependentGL(activation=tj.leaky_relu(0.1)), "DataDependentGL(leaky_relu(0.1))"
+  return tj.DataDependentGL(
+    activation=tj.activations.leaky_relu(0.1)
+  ), "DataDependentGL(leaky_relu(0.1))"
 
 
 def run(mode: str) -> dict:

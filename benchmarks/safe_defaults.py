@@ -40,7 +40,7 @@ from teleport_jax.experiments import regression
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 PERIOD, START, WINDOW = 50, 5, 20
-LEAKY = tj.leaky_relu(0.1)
+LEAKY = tj.activations.leaky_relu(0.1)
 
 
 def _mlp_problem(seed: int):

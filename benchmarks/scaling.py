@@ -44,7 +44,7 @@ from benchmarks import _proposals as P
 from teleport_jax._src.objectives import objectives as obj_lib
 from teleport_jax._src.symmetries import data_gl
 
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 DTYPE = jnp.float32
 
 # (width, depth, batch, prototypes) points. Full: one factor at a time around a
@@ -169,7 +169,7 @@ def _teleport_fn(sym, n):
 
 def _data_gl_pieces(sym, params, data, xi):
   """Jitted pieces of the data-dependent action and their call counts per inner step."""
-  layout = tj.infer_layout(params)
+  layout = tj.symmetries.infer_layout(params)
   kernels, biases = layout.get(params)
   hidden = len(kernels) - 1
 

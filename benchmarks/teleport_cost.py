@@ -45,16 +45,16 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 VARIANTS = {
   "look-ahead k=5, 5 line-search steps, stability (tp_lookahead)": {},
   "  without the stability bound": dict(stability=False),
-  "  look-ahead k=2": dict(objective=tj.optimizer_lookahead(2)),
+  "  look-ahead k=2": dict(objective=tj.objectives.optimizer_lookahead(2)),
   "  2 line-search steps": dict(num_steps=2),
   "  k=2, 2 steps, no stability": dict(
-    objective=tj.optimizer_lookahead(2), num_steps=2, stability=False
+    objective=tj.objectives.optimizer_lookahead(2), num_steps=2, stability=False
   ),
   "  k=1, 2 steps, no stability": dict(
-    objective=tj.optimizer_lookahead(1), num_steps=2, stability=False
+    objective=tj.objectives.optimizer_lookahead(1), num_steps=2, stability=False
   ),
   "gradient balancing, 1 sweep (tp_gradbalance_50)": dict(
-    solver_backend=tj.Balance("grad", max_log_scale=1.0), num_steps=1, stability=False
+    solver_backend=tj.solvers.Balance("grad", max_log_scale=1.0), num_steps=1, stability=False
   ),
 }
 
@@ -84,7 +84,7 @@ def cost_rows(wl, hp) -> list[dict]:
   t_plain = _median_time(lambda: compiled(params, s0), 200)
   rows = []
   for name, kw in VARIANTS.items():
-    kw = {"solver_backend": tj.LineSearch(), "num_steps": 5, **kw}
+    kw = {"solver_backend": tj.solvers.LineSearch(), "num_steps": 5, **kw}
     tele = tj.with_teleport(
       opt, wl.symmetry, tj.every(250, start=20), state_policy="transport", **kw
     )

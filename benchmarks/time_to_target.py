@@ -50,9 +50,9 @@ WHAT_IF = {
 }
 
 
-def unrolled_lookahead(learning_rate: float, num_steps: int) -> tj.Objective:
-  """``tj.lookahead_loss`` with its gradient steps unrolled in Python instead of a
-  ``lax.fori_loop`` (a user-level :class:`teleport_jax.Objective`)."""
+def unrolled_lookahead(learning_rate: float, num_steps: int) -> tj.objectives.Objective:
+  """``tj.objectives.lookahead_loss`` with its gradient steps unrolled in Python instead of a
+  ``lax.fori_loop`` (a user-level :class:`teleport_jax.objectives.Objective`)."""
 
   def fn(loss_fn, params, data):
     f = lambda p: loss_fn(p, data)  # noqa: E731
@@ -62,7 +62,9 @@ def unrolled_lookahead(learning_rate: float, num_steps: int) -> tj.Objective:
       p = optax.tree.add_scale(p, -learning_rate, jax.grad(f)(p))
     return f(p), loss0
 
-  return tj.Objective(fn, False, f"lookahead_unrolled(lr={learning_rate:g}, steps={num_steps})")
+  return tj.objectives.Objective(
+    fn, False, f"lookahead_unrolled(lr={learning_rate:g}, steps={num_steps})"
+  )
 
 
 SETTINGS = {
@@ -98,7 +100,7 @@ def _regression_optimizer(method: str):
       objective=(
         unrolled_lookahead(regression.GD_LR, 5)
         if kw.get("unrolled")
-        else tj.lookahead_loss(regression.GD_LR, kw.get("lookahead", 5))
+        else tj.objectives.lookahead_loss(regression.GD_LR, kw.get("lookahead", 5))
       ),
       num_steps=kw.get("num_steps", 30),
       step_size=0.1,

@@ -60,7 +60,7 @@ def _loss(params, data):
 
 
 def _sharpness(params, data, lr):
-  lam = tj.hessian_max_eigenvalue(_loss, params, data, num_iterations=30)
+  lam = tj.geometry.hessian_max_eigenvalue(_loss, params, data, num_iterations=30)
   return float(lr * jnp.abs(lam))
 
 

@@ -91,7 +91,7 @@ def loss_on_batch(params, batch):  # the signature tj.teleport expects: loss(par
     return loss_fn(params, *batch)
 
 
-print("dense layers found in the flax params:", tj.infer_layout(params).num_layers)
+print("dense layers found in the flax params:", tj.symmetries.infer_layout(params).num_layers)
 """),
   md("""
 ## One teleport with the pure function
@@ -113,7 +113,7 @@ has 16 + 1 columns, is teleported, and the action stays exact.
 (`min_singular_ratio` is taken over all hidden layers, the fixed one included.)
 """),
   code("""
-sym = tj.DataDependentGL(activation=tj.leaky_relu(0.1))
+sym = tj.DataDependentGL(activation=tj.activations.leaky_relu(0.1))
 condition = sym.rank_condition(params, (x, y))
 for key, value in condition.items():
     print(f"{key:20s} {value}")
@@ -175,7 +175,7 @@ inside: `tj.with_teleport(optax.chain(optax.clip_by_global_norm(...),
 optax.sgd(lr)), ...)`.
 
 Here the teleport minimises the loss after 5 steps of SGD with the training
-step size (`tj.lookahead_loss(lr, 5)`); knowing the step size, it does not
+step size (`tj.objectives.lookahead_loss(lr, 5)`); knowing the step size, it does not
 teleport to points too steep for it. We teleport at steps 0 and 50.
 """),
   code("""
@@ -204,8 +204,8 @@ sgd = optax.chain(optax.clip_by_global_norm(10.0), optax.sgd(lr))
 sgd_teleport = tj.with_teleport(
     sgd,
     sym,
-    schedule=tj.at_steps(teleport_steps),
-    objective=tj.lookahead_loss(lr, 5),
+    schedule=tj.schedules.at_steps(teleport_steps),
+    objective=tj.objectives.lookahead_loss(lr, 5),
     num_steps=20,
 )
 losses_plain, _ = make_train(sgd)(params)
@@ -300,7 +300,7 @@ command runs 5 seeds and 300 epochs) with the library's experiment code,
 | method | what |
 |---|---|
 | `gd`, `adagrad` | no teleport |
-| `gd_teleport`, `adagrad_teleport` | one teleport at epoch 5, exact action, objective: minimise the loss after 5 GD steps of lr 1e-4 (`tj.lookahead_loss`; GD steps for AdaGrad too), 30 inner steps |
+| `gd_teleport`, `adagrad_teleport` | one teleport at epoch 5, exact action, objective: minimise the loss after 5 GD steps of lr 1e-4 (`tj.objectives.lookahead_loss`; GD steps for AdaGrad too), 30 inner steps |
 | `gd_teleport_repeated` | the same at epochs 5, 25 and 45 |
 | `gd_teleport_published` | comparison: the published first-order action and hyper-parameters (max `‖∇L‖²`, 8 plain steps of 1e-7), no loss check |
 | `gd_teleport_max_grad_norm` | comparison: the exact action with the paper's objective, max `‖∇L‖²`, 10 normalised steps |
@@ -448,7 +448,7 @@ We run `teleport_jax.experiments.classification`:
 * `sgd_teleport`: teleport at the first step of each of the first 3 epochs,
   maximising `‖∇L‖²` (the paper's objective) with inner steps capped at 0.1;
 * `sgd_teleport_lookahead`: the same schedule, minimising the loss after 5 SGD
-  steps (`tj.lookahead_loss`).
+  steps (`tj.objectives.lookahead_loss`).
 
 The group is `tj.PositiveRescaling` of both hidden layers. It is a symmetry of
 the network function itself (LeakyReLU is positively homogeneous), so a
@@ -628,12 +628,12 @@ radial in a change of variables `z = φ(w)`:
 * Booth, `(x + 2y − 7)² + (2x + y − 5)² = ‖M w − c‖²`, with `z = M w − c`;
 * Rosenbrock, `(a − x)² + b (y − x²)²`, with `z = (a − x, √b (y − x²))`;
 
-so rotating `z` keeps the loss exactly (`tj.booth_symmetry()`,
-`tj.rosenbrock_symmetry()`), and a teleport moves `w` along its level set.
+so rotating `z` keeps the loss exactly (`tj.problems.booth_symmetry()`,
+`tj.problems.rosenbrock_symmetry()`), and a teleport moves `w` along its level set.
 
 Part 2 checks the claim that connects teleportation to Newton's method on a
 quadratic (`teleport_jax.experiments.newton`), first on one 2-D example with
-`tj.teleport` and `tj.QuadraticRotation` directly, then on random 5-D
+`tj.teleport` and `tj.symmetries.QuadraticRotation` directly, then on random 5-D
 quadratics. Everything runs in float64 in the experiments' quick mode.
 """),
   code("""
@@ -738,13 +738,13 @@ for note in f2d["notes"]:
 
 For `L(w) = ½ (w − c)ᵀ H (w − c)` with `H` symmetric positive definite, set
 `z = H^{1/2}(w − c)`. Then `L = ½‖z‖²` and `‖∇L‖² = zᵀ H z`, so rotations of
-`z` (`tj.QuadraticRotation`) keep the loss, and on the level set `L = L0` the
+`z` (`tj.symmetries.QuadraticRotation`) keep the loss, and on the level set `L = L0` the
 squared gradient norm is largest, `2 L0 λmax`, where `z` is a top eigenvector
 of `H`. There `∇L = H(w − c) = λmax (w − c)`: the gradient is an eigenvector
 of the Hessian, it is parallel to the Newton direction `H⁻¹∇L = w − c`, and a
 GD step of size `1/λmax` is the Newton step and lands on the minimiser `c`.
 
-First one 2-D example, with `tj.teleport` and `tj.QuadraticRotation` called
+First one 2-D example, with `tj.teleport` and `tj.symmetries.QuadraticRotation` called
 directly. The quadratic comes from `newton.make_quadratic`, with condition
 number 10 so that the picture is readable; seed 6 gives a start whose gradient
 is far from the top eigenvector.
@@ -752,7 +752,7 @@ is far from the top eigenvector.
   code("""
 h, c, w = newton.make_quadratic(2, seed=6, kappa=10.0)
 with jax.enable_x64(True):
-    sym = tj.QuadraticRotation(hessian=jnp.asarray(h), center=jnp.asarray(c))
+    sym = tj.symmetries.QuadraticRotation(hessian=jnp.asarray(h), center=jnp.asarray(c))
     w_tele, info = tj.teleport(
         newton.loss_fn, jnp.asarray(w), (jnp.asarray(h), jnp.asarray(c)),
         symmetry=sym, objective="max_grad_norm", num_steps=300,
@@ -869,11 +869,11 @@ optimizers. This notebook shows the library's pieces for that, each on a run
 that takes seconds:
 
 1. **Teleports that are safe to repeat.** Maximising `‖∇L‖²` with a fixed step
-   size makes gradient descent diverge; `tj.stability_constrained` keeps every
+   size makes gradient descent diverge; `tj.objectives.stability_constrained` keeps every
    teleported point where a step of the optimizer's size is stable
    (`lr·|λ_max(H)| ≤ 2`).
-2. **Sharpness and orbit curvature** as teleport objectives (`tj.sharpness`,
-   `tj.orbit_curvature`), each increasable or decreasable, on an exact orbit
+2. **Sharpness and orbit curvature** as teleport objectives (`tj.geometry.sharpness`,
+   `tj.geometry.orbit_curvature`), each increasable or decreasable, on an exact orbit
    (loss and network outputs unchanged).
 3. **Every common optimizer** with teleport, and what happens to its state
    (`state_policy="keep" | "reset" | "transport"`).
@@ -907,8 +907,8 @@ seeds:
 * `gd_teleport_max_grad_norm`: the paper's objective, max `‖∇L‖²`, teleport at
   epoch 5 only: it already diverges;
 * `gd_teleport_max_grad_norm_safe`: the same objective under
-  `tj.stability_constrained(..., learning_rate=1e-4)`;
-* `gd_teleport_every20`: every 20 epochs, `tj.stability_constrained(tj.lookahead_loss(1e-4, 5), 1e-4)`.
+  `tj.objectives.stability_constrained(..., learning_rate=1e-4)`;
+* `gd_teleport_every20`: every 20 epochs, `tj.objectives.stability_constrained(tj.objectives.lookahead_loss(1e-4, 5), 1e-4)`.
 """),
   code("""
 seeds, epochs = range(2), 300
@@ -934,7 +934,7 @@ The unconstrained max-`‖∇L‖²` run leaves the plot (its loss becomes NaN);
 the stability constraint the same objective stays finite, and the constrained
 look-ahead teleports every 20 epochs end below plain GD.
 
-What the constraint checks: `tj.hessian_max_eigenvalue` estimates the
+What the constraint checks: `tj.geometry.hessian_max_eigenvalue` estimates the
 largest-magnitude Hessian eigenvalue by power iteration on Hessian-vector
 products. Here it is before and after one unconstrained and one constrained
 teleport:
@@ -945,21 +945,21 @@ loss = lambda p, d: regression.loss_fn(p, *d)
 sym = regression.symmetry()
 lr = regression.GD_LR
 for name, objective in [
-    ("max |grad|^2", tj.grad_norm_sq()),
-    ("max |grad|^2, stability-constrained", tj.stability_constrained(tj.grad_norm_sq(), lr)),
+    ("max |grad|^2", tj.objectives.grad_norm_sq()),
+    ("max |grad|^2, stability-constrained", tj.objectives.stability_constrained(tj.objectives.grad_norm_sq(), lr)),
 ]:
     new, info = tj.teleport(loss, params, (x, y), symmetry=sym, objective=objective, num_steps=10)
-    before = lr * tj.hessian_max_eigenvalue(loss, params, (x, y))
-    after = lr * tj.hessian_max_eigenvalue(loss, new, (x, y))
+    before = lr * tj.geometry.hessian_max_eigenvalue(loss, params, (x, y))
+    after = lr * tj.geometry.hessian_max_eigenvalue(loss, new, (x, y))
     print(f"{name:38s} accepted={bool(info.accepted)}  rel. loss drift={float(info.rel_loss_drift):.1e}  "
           f"lr*lambda_max {float(before):.2f} -> {float(after):.2f}")
 """),
   md("""
 ## 2. Sharpness and orbit curvature
 
-`tj.sharpness(radius)` is the expected loss increase under random
+`tj.geometry.sharpness(radius)` is the expected loss increase under random
 perturbations of norm `radius` (each used with both signs);
-`tj.orbit_curvature(symmetry)` is the curvature of the orbit curve
+`tj.geometry.orbit_curvature(symmetry)` is the curvature of the orbit curve
 `γ(t) = exp(tM)·w` at `t = 0`, averaged over random Lie-algebra directions `M`.
 Both are ordinary teleport objectives. Below, a LeakyReLU MLP is teleported
 with the exact `PositiveRescaling` group to increase and to decrease each; the
@@ -975,7 +975,7 @@ mlp = [  # [(W, b), ...] with W of shape (out, in), as torch and the experiments
 ]
 xb = jax.random.normal(keys[-2], (64, widths[0]))
 yb = jax.random.normal(keys[-1], (64, widths[-1]))
-act = tj.leaky_relu(0.1)
+act = tj.activations.leaky_relu(0.1)
 
 def apply(p, x):
     for w, b in p[:-1]:
@@ -988,8 +988,8 @@ def mse(p, data):
 rescale = tj.PositiveRescaling()
 rows = []
 for name, make in [
-    ("sharpness", lambda up: tj.sharpness(0.5, num_samples=16, maximize=up)),
-    ("orbit curvature", lambda up: tj.orbit_curvature(rescale, num_directions=8, maximize=up)),
+    ("sharpness", lambda up: tj.geometry.sharpness(0.5, num_samples=16, maximize=up)),
+    ("orbit curvature", lambda up: tj.geometry.orbit_curvature(rescale, num_directions=8, maximize=up)),
 ]:
     for up in (True, False):
         new, info = tj.teleport(mse, mlp, (xb, yb), symmetry=rescale, objective=make(up),

@@ -2,43 +2,43 @@
 
 Exact symmetry actions on parameter pytrees, a jit-compiled teleport solver
 and an optax transformation that teleports on a schedule.
+
+The top level holds what a training loop uses: :func:`teleport`,
+:func:`with_teleport`, :func:`balanced`, :func:`find_symmetries`, the MLP
+symmetries, schedules' :func:`every`, and the result and error types. The rest
+lives in namespaces, each documented in ``docs/api.md``:
+
+* ``tj.symmetries``: every symmetry and its building blocks (sites, products);
+* ``tj.groups``: what a group does on a channel axis;
+* ``tj.finders``: where a group acts in common architectures;
+* ``tj.activations``: activations with their inverse and homogeneity;
+* ``tj.objectives``: what a teleport optimises, and the stability constraint;
+* ``tj.solvers``: how a teleport searches the orbit (back-ends);
+* ``tj.schedules``: when to teleport;
+* ``tj.geometry``: sharpness, Hessian eigenvalues, orbit curvature;
+* ``tj.problems``: 2-D test problems with a rotation symmetry;
+* ``teleport_jax.models``: a small zoo of flax models.
 """
 
+from teleport_jax import activations
+from teleport_jax import finders
+from teleport_jax import geometry
+from teleport_jax import groups
+from teleport_jax import objectives
+from teleport_jax import problems
+from teleport_jax import schedules
+from teleport_jax import solvers
+from teleport_jax import symmetries
 from teleport_jax._src.discovery.discovery import Discovered
 from teleport_jax._src.discovery.discovery import find_symmetries
 from teleport_jax._src.discovery.discovery import verify
 from teleport_jax._src.integration.balanced import BalancedState
 from teleport_jax._src.integration.balanced import balanced
-from teleport_jax._src.integration.schedules import AtSteps
-from teleport_jax._src.integration.schedules import Periodic
-from teleport_jax._src.integration.schedules import as_schedule
-from teleport_jax._src.integration.schedules import at_steps
 from teleport_jax._src.integration.schedules import every
-from teleport_jax._src.integration.schedules import fires_within
-from teleport_jax._src.integration.schedules import first
 from teleport_jax._src.integration.transform import TeleportState
 from teleport_jax._src.integration.transform import TeleportWarning
 from teleport_jax._src.integration.transform import teleport_due
 from teleport_jax._src.integration.transform import with_teleport
-from teleport_jax._src.objectives.geometry import orbit_curvature
-from teleport_jax._src.objectives.geometry import sharpness
-from teleport_jax._src.objectives.objectives import Objective
-from teleport_jax._src.objectives.objectives import ObjectiveContext
-from teleport_jax._src.objectives.objectives import as_objective
-from teleport_jax._src.objectives.objectives import grad_norm_sq
-from teleport_jax._src.objectives.objectives import hessian_max_eigenvalue
-from teleport_jax._src.objectives.objectives import lookahead_loss
-from teleport_jax._src.objectives.objectives import optimizer_lookahead
-from teleport_jax._src.objectives.objectives import stability_constrained
-from teleport_jax._src.objectives.stability import Stability
-from teleport_jax._src.solver.backends import Lie
-from teleport_jax._src.solver.backends import Solver
-from teleport_jax._src.solver.balancing import Balance
-from teleport_jax._src.solver.balancing import LineSearch
-from teleport_jax._src.solver.levelset import LevelSet
-from teleport_jax._src.solver.nullspace import NullSpace
-from teleport_jax._src.solver.nullspace import held_out_drift
-from teleport_jax._src.solver.nullspace import nullspace_report
 from teleport_jax._src.solver.solver import TeleportConfig
 from teleport_jax._src.solver.solver import TeleportError
 from teleport_jax._src.solver.solver import TeleportInfo
@@ -49,111 +49,59 @@ from teleport_jax._src.solver.solver import status_message
 from teleport_jax._src.solver.solver import teleport
 from teleport_jax._src.solver.state_transport import transport_cotangent
 from teleport_jax._src.solver.state_transport import transport_state
-from teleport_jax._src.symmetries import finders
-from teleport_jax._src.symmetries import groups
-from teleport_jax._src.symmetries.activations import Activation
-from teleport_jax._src.symmetries.activations import as_activation
-from teleport_jax._src.symmetries.activations import asinh
-from teleport_jax._src.symmetries.activations import identity
-from teleport_jax._src.symmetries.activations import leaky_relu
-from teleport_jax._src.symmetries.activations import relu
-from teleport_jax._src.symmetries.activations import tanh
 from teleport_jax._src.symmetries.data_gl import DataDependentGL
-from teleport_jax._src.symmetries.data_gl import PublishedDataDependentGL
-from teleport_jax._src.symmetries.data_gl import default_get_inputs
-from teleport_jax._src.symmetries.functions import RosenbrockRotation
-from teleport_jax._src.symmetries.functions import booth
-from teleport_jax._src.symmetries.functions import booth_symmetry
-from teleport_jax._src.symmetries.functions import rosenbrock
-from teleport_jax._src.symmetries.functions import rosenbrock_symmetry
-from teleport_jax._src.symmetries.layouts import MLPLayout
-from teleport_jax._src.symmetries.layouts import infer_layout
 from teleport_jax._src.symmetries.linear_gl import LinearGL
 from teleport_jax._src.symmetries.rescaling import PositiveRescaling
-from teleport_jax._src.symmetries.rotation import QuadraticRotation
-from teleport_jax._src.symmetries.rotation import Rotation
-from teleport_jax._src.symmetries.sites import Product
-from teleport_jax._src.symmetries.sites import Site
-from teleport_jax._src.symmetries.sites import SiteSymmetry
-from teleport_jax._src.symmetries.sites import Slot
 from teleport_jax._src.symmetries.sites import product
-from teleport_jax._src.symmetries.symmetry import Symmetry
 
 __version__ = "0.1.0"
 
 __all__ = (
-  "Activation",
-  "Balance",
   "BalancedState",
+  "DataDependentGL",
   "Discovered",
-  "LevelSet",
-  "NullSpace",
-  "Lie",
-  "LineSearch",
-  "ObjectiveContext",
-  "Product",
-  "PublishedDataDependentGL",
-  "Site",
-  "SiteSymmetry",
-  "Slot",
-  "Solver",
-  "Stability",
+  "LinearGL",
+  "PositiveRescaling",
   "TeleportConfig",
   "TeleportError",
-  "finders",
-  "find_symmetries",
-  "groups",
-  "held_out_drift",
-  "nullspace_report",
-  "verify",
-  "optimizer_lookahead",
-  "product",
-  "AtSteps",
-  "DataDependentGL",
-  "LinearGL",
-  "MLPLayout",
-  "Objective",
-  "Periodic",
-  "PositiveRescaling",
-  "QuadraticRotation",
-  "RosenbrockRotation",
-  "Rotation",
-  "Symmetry",
   "TeleportInfo",
   "TeleportState",
   "TeleportStatus",
   "TeleportWarning",
-  "as_activation",
-  "as_objective",
-  "as_schedule",
-  "asinh",
-  "at_steps",
+  "activations",
   "balanced",
-  "booth",
-  "booth_symmetry",
-  "default_get_inputs",
   "default_rtol",
   "every",
-  "fires_within",
-  "first",
-  "grad_norm_sq",
+  "find_symmetries",
+  "finders",
+  "geometry",
   "group_action",
-  "hessian_max_eigenvalue",
-  "identity",
-  "infer_layout",
-  "leaky_relu",
-  "lookahead_loss",
-  "orbit_curvature",
-  "relu",
-  "rosenbrock",
-  "rosenbrock_symmetry",
-  "sharpness",
-  "stability_constrained",
+  "groups",
+  "objectives",
+  "problems",
+  "product",
+  "schedules",
+  "solvers",
   "status_message",
-  "tanh",
+  "symmetries",
   "teleport",
   "teleport_due",
   "transport_cotangent",
   "transport_state",
+  "verify",
   "with_teleport",
 )
+
+_NAMESPACES = (activations, geometry, objectives, problems, schedules, solvers, symmetries)
+
+
+def __getattr__(name: str):
+  """Points a name that lives in a namespace to it (``tj.relu`` -> ``tj.activations.relu``)."""
+  for ns in _NAMESPACES:
+    if name in ns.__all__:
+      short = ns.__name__.rsplit(".", 1)[-1]
+      raise AttributeError(
+        f"module 'teleport_jax' has no attribute {name!r}; it lives in its namespace: "
+        f"tj.{short}.{name}"
+      )
+  raise AttributeError(f"module 'teleport_jax' has no attribute {name!r}")

@@ -74,7 +74,7 @@ def test_mlp_action_keeps_loss_and_outputs(kind, act_name, fmt, bias, seed, dtyp
   widths = tuple(int(w) for w in jax.random.randint(k4, (4,), 5, 9))
   n = min(widths[:-2]) - 1  # batch small enough for the data-dependent action
   params = random_mlp(k1, widths, dtype, fmt=fmt, bias=bias)
-  act = tj.as_activation(act_name)
+  act = tj.activations.as_activation(act_name)
   data = _data(k2, widths, n, dtype, fmt)
   sym = _make(kind, act)
   g = sym.exp(_random_algebra(sym, params, k3, 0.5))
@@ -109,7 +109,10 @@ def test_data_free_actions_keep_outputs_on_any_input(widths, seed, use_x64):
   k1, k2, k3 = jax.random.split(key, 3)
   params = random_mlp(k1, widths, dtype, fmt="pairs", bias=True)
   x = jax.random.normal(k2, (widths[0], 11), dtype)  # batch larger than widths: data-free
-  for sym, act in ((tj.PositiveRescaling(), tj.leaky_relu(0.2)), (tj.LinearGL(), tj.identity())):
+  for sym, act in (
+    (tj.PositiveRescaling(), tj.activations.leaky_relu(0.2)),
+    (tj.LinearGL(), tj.activations.identity()),
+  ):
     new = _act_jit(sym, params, _random_algebra(sym, params, k3, 0.5), None)
     assert rel_change(mlp_apply(params, x, act, "pairs"), mlp_apply(new, x, act, "pairs")) < tol(
       dtype
@@ -130,7 +133,7 @@ def test_data_dependent_action_keeps_batch_outputs(widths, seed, use_x64, slope)
   params = random_mlp(k1, widths, dtype, fmt="out_in")
   n = min(widths[:-2])
   x = jax.random.normal(k2, (widths[0], n), dtype)
-  act = tj.leaky_relu(slope)
+  act = tj.activations.leaky_relu(slope)
   sym = tj.DataDependentGL(activation=act)
   assert sym.rank_condition(params, (x,))["shape_ok"]
   sym.validate(params, (x,))
@@ -145,7 +148,7 @@ def test_data_dependent_hidden_features_transform_by_g(dtype):
   widths = (5, 6, 7, 8)
   params = random_mlp(jax.random.key(3), widths, dtype)
   x = jax.random.normal(jax.random.key(4), (5, 4), dtype)
-  act = tj.leaky_relu(0.1)
+  act = tj.activations.leaky_relu(0.1)
   sym = tj.DataDependentGL(activation=act)
   g = sym.exp(_random_algebra(sym, params, jax.random.key(5), 0.5))
   new = tj.group_action(params, g, symmetry=sym, data=x)
@@ -160,7 +163,7 @@ def test_data_dependent_hidden_features_transform_by_g(dtype):
 def test_identity_element_is_identity_and_inverse_undoes(kind, act_name, dtype):
   params = random_mlp(jax.random.key(0), (5, 6, 6, 3), dtype)
   data = (jax.random.normal(jax.random.key(1), (5, 4), dtype),)
-  sym = _make(kind, tj.as_activation(act_name))
+  sym = _make(kind, tj.activations.as_activation(act_name))
   same = tj.group_action(params, sym.identity(params), symmetry=sym, data=data)
   for a, b in zip(params, same):
     np.testing.assert_allclose(a, b, rtol=tol(dtype), atol=tol(dtype))
@@ -207,7 +210,7 @@ def test_data_dependent_action_with_batch_wider_than_a_layer(dtype):
   widths = (3, 8, 8, 2)
   params = random_mlp(jax.random.key(0), widths, dtype)
   x = jax.random.normal(jax.random.key(1), (3, 6), dtype)  # 6 samples > input width 3
-  act = tj.leaky_relu(0.1)
+  act = tj.activations.leaky_relu(0.1)
   out0 = mlp_apply(params, x, act, "out_in")
   # default: the first hidden layer (fed by 3 features) stays fixed, the second moves exactly
   sym = tj.DataDependentGL(activation=act)
@@ -226,7 +229,7 @@ def test_data_dependent_action_with_batch_wider_than_a_layer(dtype):
 
 
 def test_published_first_order_action_changes_the_loss_and_exact_does_not(dtype):
-  act = tj.leaky_relu(0.1)
+  act = tj.activations.leaky_relu(0.1)
   params, data = published_problem(0, dtype)
   loss = lambda p, d: 0.5 * jnp.sum((d[1] - mlp_apply(p, d[0], act, "out_in")) ** 2)
   exact = tj.DataDependentGL(activation=act)
@@ -246,13 +249,17 @@ def test_rotations_keep_the_loss(which, dtype):
     a = jax.random.normal(key, (6, 6), dtype)
     h = a @ a.T + 6 * jnp.eye(6, dtype=dtype)
     c = jnp.arange(6, dtype=dtype)
-    sym = tj.QuadraticRotation(hessian=h, center=c)
+    sym = tj.symmetries.QuadraticRotation(hessian=h, center=c)
     loss = lambda w: 0.5 * (w - c) @ h @ (w - c)
     w = jax.random.normal(jax.random.key(8), (6,), dtype)
   elif which == "booth":
-    sym, loss, w = tj.booth_symmetry(), tj.booth, jnp.asarray([-3.0, 4.0], dtype)
+    sym, loss, w = tj.problems.booth_symmetry(), tj.problems.booth, jnp.asarray([-3.0, 4.0], dtype)
   else:
-    sym, loss, w = tj.rosenbrock_symmetry(), tj.rosenbrock, jnp.asarray([-1.2, 1.0], dtype)
+    sym, loss, w = (
+      tj.problems.rosenbrock_symmetry(),
+      tj.problems.rosenbrock,
+      jnp.asarray([-1.2, 1.0], dtype),
+    )
   for s in range(3):
     g = sym.exp(_random_algebra(sym, w, jax.random.key(s), 2.0))
     np.testing.assert_allclose(g @ sym.inverse(g), jnp.eye(g.shape[0]), atol=10 * tol(dtype))
@@ -276,7 +283,7 @@ def test_flax_linen_and_nnx_params_are_understood(dtype):
   x = jax.random.normal(jax.random.key(0), (4, 5), dtype)
   model = Linen()
   params = model.init(jax.random.key(1), x)
-  act = tj.leaky_relu(0.1)
+  act = tj.activations.leaky_relu(0.1)
   for sym in (tj.PositiveRescaling(), tj.DataDependentGL(activation=act)):
     g = sym.exp(_random_algebra(sym, params, jax.random.key(2), 0.5))
     new = tj.group_action(params, g, symmetry=sym, data=x)
@@ -295,7 +302,7 @@ def test_flax_linen_and_nnx_params_are_understood(dtype):
 
   graphdef, state = nnx.split(NNX(nnx.Rngs(0)))
   apply = lambda s, x: nnx.merge(graphdef, s)(x)
-  layout = tj.infer_layout(state)
+  layout = tj.symmetries.infer_layout(state)
   assert layout.num_layers == 3 and layout.kernel_format == "in_out"
   for sym in (tj.PositiveRescaling(), tj.DataDependentGL(activation=act)):
     g = sym.exp(_random_algebra(sym, state, jax.random.key(2), 0.5))

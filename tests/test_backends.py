@@ -26,7 +26,7 @@ from teleport_jax._src.solver.nullspace import NullSpace
 from teleport_jax._src.solver.nullspace import held_out_drift
 from teleport_jax._src.solver.nullspace import nullspace_report
 
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 S = tj.TeleportStatus
 F32_RTOL = tj.default_rtol(jnp.float32)
 
@@ -181,7 +181,7 @@ def test_levelset_lookahead_on_the_ellipsoid_picks_the_fastest_direction():
   loss = lambda w: 0.5 * jnp.sum(h * w**2)
   w0 = jnp.array([0.3, 1.0, -2.0])
   new, info = tj.teleport(
-    loss, w0, solver="levelset", objective=tj.lookahead_loss(0.2, 2), num_steps=30
+    loss, w0, solver="levelset", objective=tj.objectives.lookahead_loss(0.2, 2), num_steps=30
   )
   assert int(info.status) == S.SUCCESSFUL
   l0 = float(loss(w0))
@@ -193,7 +193,7 @@ def test_nullspace_keeps_the_fit_and_moves_to_the_min_norm_solution():
   x, w0 = fill((jnp.zeros((3, 6)), jnp.zeros((6, 2))))
   data = (x, jnp.ones((3, 2)))
   loss = lambda w, d: 0.5 * jnp.sum((d[0] @ w - d[1]) ** 2)
-  norm = tj.Objective(lambda loss_fn, w, d: jnp.sum(w**2), False, "norm")
+  norm = tj.objectives.Objective(lambda loss_fn, w, d: jnp.sum(w**2), False, "norm")
   new, info = tj.teleport(loss, w0, data, solver="nullspace", objective=norm, num_steps=30)
   assert int(info.status) == S.SUCCESSFUL
   # the level set {x w = x w0} is w0 + null(x); its smallest-norm point is the
@@ -359,7 +359,7 @@ def test_nullspace_report_on_a_cnn_names_what_moves_and_why():
 
 def test_levelset_teleports_a_cnn_to_smaller_weights():
   _, loss, params, data = cnn_problem()
-  norm = tj.Objective(lambda loss_fn, p, d: optax.tree.vdot(p, p), False, "weight_norm")
+  norm = tj.objectives.Objective(lambda loss_fn, p, d: optax.tree.vdot(p, p), False, "weight_norm")
   new, info = tj.teleport(loss, params, data, solver="levelset", objective=norm, num_steps=4)
   assert int(info.status) == S.SUCCESSFUL and int(info.num_accepted_steps) >= 2
   assert float(optax.tree.vdot(new, new)) < float(optax.tree.vdot(params, params))

@@ -11,7 +11,7 @@ from conftest import random_mlp
 
 import teleport_jax as tj
 
-LEAKY = tj.leaky_relu(0.1)
+LEAKY = tj.activations.leaky_relu(0.1)
 
 
 @functools.cache
@@ -25,13 +25,17 @@ def _problem(kind):
   # hidden widths no larger than their neighbours: full-rank Gram matrices, so the
   # balanced point exists (with a rank-deficient one the infimum is not attained)
   params = random_mlp(jax.random.key(3), (5, 4, 4, 3), jnp.float64, fmt="out_in")
-  loss = lambda p, d: 0.5 * jnp.mean((mlp_apply(p, d[0], tj.identity(), "out_in") - d[1]) ** 2)  # noqa: E731
+  loss = lambda p, d: (
+    0.5 * jnp.mean((mlp_apply(p, d[0], tj.activations.identity(), "out_in") - d[1]) ** 2)
+  )  # noqa: E731
   return params, (x, y), loss, tj.LinearGL()
 
 
 def test_norm_balancing_equalises_incoming_and_outgoing_norms_per_channel():
   params, data, loss, sym = _problem("relu")
-  new, info = tj.teleport(loss, params, data, symmetry=sym, solver=tj.Balance(), num_steps=20)
+  new, info = tj.teleport(
+    loss, params, data, symmetry=sym, solver=tj.solvers.Balance(), num_steps=20
+  )
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
   assert float(info.objective_after) < float(info.objective_before)
   assert float(info.rel_loss_drift) <= 1e-12
@@ -46,7 +50,7 @@ def test_norm_balancing_equalises_incoming_and_outgoing_norms_per_channel():
 def test_gradient_balancing_reaches_the_closed_form_minimum_of_the_gradient_norm():
   params, data, loss, sym = _problem("relu")
   new, info = tj.teleport(
-    loss, params, data, symmetry=sym, solver=tj.Balance(target="grad"), num_steps=20
+    loss, params, data, symmetry=sym, solver=tj.solvers.Balance(target="grad"), num_steps=20
   )
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
   assert float(info.grad_norm_sq_after) < float(info.grad_norm_sq_before)
@@ -67,14 +71,14 @@ def test_gradient_balancing_reaches_the_closed_form_minimum_of_the_gradient_norm
 @pytest.mark.parametrize("target", ["norm", "grad"])
 def test_gl_balancing_by_matrix_geometric_mean_lowers_its_target(target):
   params, data, loss, sym = _problem("linear")
-  balance = tj.Balance(target=target)
+  balance = tj.solvers.Balance(target=target)
   new, info = tj.teleport(loss, params, data, symmetry=sym, solver=balance, num_steps=10)
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
   assert float(info.objective_after) < 0.8 * float(info.objective_before)
   # one sweep on one site is the closed-form minimiser: a second sweep barely moves it
   # (gradient Gram matrices can be rank deficient, where the minimum is approached but
   # not attained, so "barely" rather than "not at all")
-  single = tj.Product(sym.as_product(params).parts[:1])
+  single = tj.symmetries.Product(sym.as_product(params).parts[:1])
   once, first = tj.teleport(loss, params, data, symmetry=single, solver=balance, num_steps=1)
   _, again = tj.teleport(loss, once, data, symmetry=single, solver=balance, num_steps=1)
   assert float(first.objective_after) < float(first.objective_before)
@@ -83,10 +87,10 @@ def test_gl_balancing_by_matrix_geometric_mean_lowers_its_target(target):
 
 def test_bounded_balancing_moves_at_most_max_log_scale():
   params, data, loss, sym = _problem("relu")
-  g = tj.Balance(max_log_scale=0.05).element(sym, params)
+  g = tj.solvers.Balance(max_log_scale=0.05).element(sym, params)
   assert max(float(jnp.max(jnp.abs(jnp.log(s)))) for s in g) <= 0.05 + 1e-12
-  half = tj.Balance(power=0.5).element(sym, params)
-  full = tj.Balance().element(sym, params)
+  half = tj.solvers.Balance(power=0.5).element(sym, params)
+  full = tj.solvers.Balance().element(sym, params)
   for h, f in zip(half, full):
     np.testing.assert_allclose(jnp.log(h), 0.5 * jnp.log(f), rtol=1e-10)
 
@@ -95,9 +99,12 @@ def test_bounded_balancing_moves_at_most_max_log_scale():
 def test_bounded_gl_balancing_keeps_the_elements_eigenvalues_within_the_bound(target):
   params, data, loss, sym = _problem("linear")
   grads = jax.grad(loss)(params, data)
-  free = [np.linalg.eigvalsh(np.asarray(a)) for a in tj.Balance(target).element(sym, params, grads)]
+  free = [
+    np.linalg.eigvalsh(np.asarray(a))
+    for a in tj.solvers.Balance(target).element(sym, params, grads)
+  ]
   assert max(float(np.max(np.abs(np.log(e)))) for e in free) > 0.1  # the bound binds
-  bounded = tj.Balance(target, max_log_scale=0.1).element(sym, params, grads)
+  bounded = tj.solvers.Balance(target, max_log_scale=0.1).element(sym, params, grads)
   for a in bounded:
     np.testing.assert_allclose(a, a.T, atol=1e-12)
     assert float(np.max(np.abs(np.log(np.linalg.eigvalsh(np.asarray(a)))))) <= 0.1 + 1e-9
@@ -107,7 +114,7 @@ def test_line_search_improves_the_objective_with_one_gradient():
   params, data, loss, sym = _problem("relu")
   new, info = tj.teleport(
     loss, params, data, symmetry=sym, solver="line_search", num_steps=8,
-    objective=tj.lookahead_loss(0.5, 2),
+    objective=tj.objectives.lookahead_loss(0.5, 2),
   )  # fmt: skip
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
   assert float(info.objective_after) < float(info.objective_before)
@@ -116,7 +123,7 @@ def test_line_search_improves_the_objective_with_one_gradient():
 
 def test_balancing_refuses_a_group_without_sites():
   with pytest.raises(ValueError, match="balancing needs rescaling or GL sites"):
-    tj.Balance().element(tj.booth_symmetry(), jnp.ones(2))
+    tj.solvers.Balance().element(tj.problems.booth_symmetry(), jnp.ones(2))
 
 
 @pytest.mark.parametrize("target", ["norm", pytest.param("grad", marks=pytest.mark.slow)])
@@ -131,7 +138,7 @@ def test_balancing_a_cnn_balances_the_channels_a_flatten_spreads_over_dense_rows
   sym = tj.find_symmetries(m.apply, m.params, x)
   assert any(s.reshape is not None for part in sym.parts for s in part.site.slots)
   new, info = tj.teleport(
-    loss, m.params, (x, y), symmetry=sym, solver=tj.Balance(target=target), num_steps=3
+    loss, m.params, (x, y), symmetry=sym, solver=tj.solvers.Balance(target=target), num_steps=3
   )
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
   assert float(info.objective_after) < float(info.objective_before)
@@ -184,7 +191,9 @@ def test_gradient_balancing_steps_from_the_balanced_point_with_its_exact_gradien
   opt = tj.balanced(optax.sgd(lr), tj.PositiveRescaling(), "grad", max_log_scale=None)
   u, _ = opt.update(jax.grad(loss)(params), opt.init(params), params)
   # the balanced point: the same element the closed form gives at params
-  g = tj.Balance(target="grad").element(tj.PositiveRescaling(), params, jax.grad(loss)(params))
+  g = tj.solvers.Balance(target="grad").element(
+    tj.PositiveRescaling(), params, jax.grad(loss)(params)
+  )
   w = tj.group_action(params, g, symmetry=tj.PositiveRescaling())
   expected = optax.apply_updates(w, jax.tree.map(lambda d: -lr * d, jax.grad(loss)(w)))
   got = optax.apply_updates(params, u)
@@ -283,11 +292,11 @@ def test_gradient_balancing_is_bounded_by_default_and_norm_balancing_is_not():
   for target, bound in (("grad", 0.5), ("norm", None)):
     opt = tj.balanced(optax.sgd(0.0), sym, target)  # lr 0: the move alone
     u, _ = opt.update(grads, opt.init(params), params)
-    g = tj.Balance(target, max_log_scale=bound).element(sym, params, grads)
+    g = tj.solvers.Balance(target, max_log_scale=bound).element(sym, params, grads)
     expected = tj.group_action(params, g, symmetry=sym)
     for a, b in zip(jax.tree.leaves(optax.apply_updates(params, u)), jax.tree.leaves(expected)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-  unbounded = tj.Balance("grad").element(sym, params, grads)
+  unbounded = tj.solvers.Balance("grad").element(sym, params, grads)
   assert max(float(jnp.max(jnp.abs(jnp.log(s)))) for s in unbounded) > 0.5
   with pytest.raises(ValueError, match="max_log_scale"):
     tj.balanced(optax.sgd(0.1), sym, "grad", max_log_scale="wide")

@@ -33,7 +33,7 @@ class Case:
 
   name: str
   build: Callable[..., zoo.Model]
-  find: Callable[..., tj.Product]
+  find: Callable[..., tj.symmetries.Product]
   dimension: int
   eval_mode: bool = False
 
@@ -129,7 +129,7 @@ def model(name: str, framework: str, dtype: str) -> zoo.Model:
 
 
 @functools.cache
-def symmetry(name: str, framework: str, dtype: str) -> tj.Product:
+def symmetry(name: str, framework: str, dtype: str) -> tj.symmetries.Product:
   return CASE[name].find(model(name, framework, dtype).params)
 
 
@@ -209,7 +209,7 @@ def test_rescaling_across_a_smooth_activation_is_refused_by_the_site(activation)
     finders.mlp_chain(m.params, activation=activation)
   site = finders.sites(finders.mlp_chain(m.params, activation="relu"))[0]
   with pytest.raises(ValueError, match="Scaling is not a symmetry across 'other'"):
-    tj.SiteSymmetry(dataclasses.replace(site, between="other"), "scaling")
+    tj.symmetries.SiteSymmetry(dataclasses.replace(site, between="other"), "scaling")
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "tanh"])
@@ -232,10 +232,10 @@ def test_groups_that_are_not_exact_for_a_site_are_refused():
   p = model("transformer_gqa_interleaved_rotary_reglu", "linen", "float32").params
   qk = finders.sites(finders.attention_qk(p, rotary="interleaved"))[0]
   with pytest.raises(ValueError, match="GL is not a symmetry across 'rotary'"):
-    tj.SiteSymmetry(qk, "gl")
+    tj.symmetries.SiteSymmetry(qk, "gl")
   norm = finders.sites(finders.norm_into_dense(p))[0]
   with pytest.raises(ValueError, match="GL is not a symmetry across 'homogeneous'"):
-    tj.SiteSymmetry(norm, "gl")
+    tj.symmetries.SiteSymmetry(norm, "gl")
   p = model("transformer_layernorm_gelu", "nnx", "float32").params
   with pytest.raises(ValueError, match="residual_stream: norm parameters"):
     finders.residual_stream(p)
@@ -249,7 +249,7 @@ def test_rotary_symmetry_is_not_gl_on_rotary_models():
   name, fw, dt = "transformer_gqa_interleaved_rotary_reglu", "linen", "float64"
   m = model(name, fw, dt)
   site = finders.sites(finders.attention_qk(m.params, rotary="interleaved"))[0]
-  sym = tj.SiteSymmetry(dataclasses.replace(site, between="bilinear"), "gl")
+  sym = tj.symmetries.SiteSymmetry(dataclasses.replace(site, between="bilinear"), "gl")
   new = tj.group_action(m.params, random_element(tj.product(sym), m.params, 0)[0], symmetry=sym)
   assert rel_err(m.apply(m.params, m.inputs), m.apply(new, m.inputs)) > 1e-3
 
@@ -305,7 +305,7 @@ def test_flatten_reader_groups_dense_rows_per_channel():
   reader = last.readers[0]
   assert reader.path == ("params", "Dense_0", "kernel")
   assert reader.reshape == (4, 8, 16) and reader.axis == 1
-  sym = tj.SiteSymmetry(last, "scaling")
+  sym = tj.symmetries.SiteSymmetry(last, "scaling")
   s = jnp.arange(1.0, 9.0, dtype=jnp.float64)
   new = tj.group_action(p, s, symmetry=sym)
   rows = np.arange(32) % 8  # the flatten of (2, 2, 8) puts channel c at rows c, c + 8, ...
@@ -315,8 +315,8 @@ def test_flatten_reader_groups_dense_rows_per_channel():
 
 def test_slot_reshape_is_validated():
   with pytest.raises(ValueError, match="at most one -1"):
-    tj.Slot("a/kernel", 1, "in", reshape=(-1, -1, 3))
-  slot = tj.Slot("a/kernel", 1, "in", reshape=(-1, 8, 16))
+    tj.symmetries.Slot("a/kernel", 1, "in", reshape=(-1, -1, 3))
+  slot = tj.symmetries.Slot("a/kernel", 1, "in", reshape=(-1, 8, 16))
   assert slot.view_shape((32, 16)) == (4, 8, 16)
   with pytest.raises(ValueError, match="has no view"):
     slot.view_shape((30, 16))
@@ -390,7 +390,12 @@ def test_jitted_teleport_of_each_family_is_accepted(family):
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def teleport(params, batch):
     return tj.teleport(
-      loss, params, batch, symmetry=sym, objective=tj.lookahead_loss(1e-2, 2), num_steps=3
+      loss,
+      params,
+      batch,
+      symmetry=sym,
+      objective=tj.objectives.lookahead_loss(1e-2, 2),
+      num_steps=3,
     )
 
   new, info = teleport(m.params, batch)

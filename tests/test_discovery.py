@@ -137,7 +137,7 @@ def _random_xi(sym, params, seed, scale=0.3):
 @pytest.mark.parametrize("name", list(CASES))
 def test_dimension_matches_the_analytic_count(name, framework):
   m, d = discovered(name, framework)
-  assert isinstance(d, Discovered) and isinstance(d, tj.Product)
+  assert isinstance(d, Discovered) and isinstance(d, tj.symmetries.Product)
   assert d.dimension == CASES[name][2], str(d)
   assert not d.rejected, str(d)
   assert len(d.sites) == len(d.parts) == len(d.checks)
@@ -340,17 +340,17 @@ def test_plain_jax_function_of_a_pytree():
 # -------------------------------------------------------------------- verify
 def test_verify_refuses_a_hand_declared_rescaling_across_gelu():
   m = zoo.mlp(widths=(4, 6, 3), activation="gelu", batch=4)
-  site = tj.Site(
+  site = tj.symmetries.Site(
     "Dense_0->Dense_1",
     (
-      tj.Slot("params/Dense_0/kernel", 1, "out"),
-      tj.Slot("params/Dense_0/bias", 0, "out"),
-      tj.Slot("params/Dense_1/kernel", 0, "in"),
+      tj.symmetries.Slot("params/Dense_0/kernel", 1, "out"),
+      tj.symmetries.Slot("params/Dense_0/bias", 0, "out"),
+      tj.symmetries.Slot("params/Dense_1/kernel", 0, "in"),
     ),
     dim=6,
     between="homogeneous",  # a wrong declaration: GELU is not homogeneous
   )
-  sym = tj.SiteSymmetry(site, "scaling")
+  sym = tj.symmetries.SiteSymmetry(site, "scaling")
   with pytest.raises(ValueError, match=r"'Dense_0->Dense_1'.*relative output change [0-9.e-]+"):
     verify(m.apply, m.params, sym, m.inputs, strict=True)
   report = verify(m.apply, m.params, sym, m.inputs)
@@ -383,7 +383,7 @@ def test_teleport_accepts_the_discovered_symmetry_under_jit(make):
   @jax.jit
   def run(params, batch):
     return tj.teleport(
-      loss, params, batch, symmetry=d, objective=tj.lookahead_loss(1e-2, 2), num_steps=3
+      loss, params, batch, symmetry=d, objective=tj.objectives.lookahead_loss(1e-2, 2), num_steps=3
     )
 
   new, info = run(m.params, batch)
@@ -414,7 +414,7 @@ def test_discovered_symmetry_teleports_a_vmap_over_seeds():
   @jax.vmap
   def run(params):
     return tj.teleport(
-      loss, params, batch, symmetry=d, objective=tj.lookahead_loss(1e-2, 2), num_steps=3
+      loss, params, batch, symmetry=d, objective=tj.objectives.lookahead_loss(1e-2, 2), num_steps=3
     )
 
   new, info = run(stacked)

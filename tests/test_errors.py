@@ -11,7 +11,7 @@ from test_solver import published_problem
 
 import teleport_jax as tj
 
-SYM = tj.DataDependentGL(activation=tj.leaky_relu(0.1))
+SYM = tj.DataDependentGL(activation=tj.activations.leaky_relu(0.1))
 
 
 def test_wrong_pytree_layout():
@@ -19,7 +19,7 @@ def test_wrong_pytree_layout():
   with pytest.raises(ValueError, match="params"):
     tj.teleport(loss, {"a": jnp.ones(3)}, data, symmetry=SYM)
   with pytest.raises(ValueError, match="params"):
-    tj.infer_layout([jnp.ones((3, 3))])  # one layer: no hidden layer
+    tj.symmetries.infer_layout([jnp.ones((3, 3))])  # one layer: no hidden layer
 
 
 def test_mismatched_shapes():
@@ -33,7 +33,7 @@ def test_mismatched_shapes():
   with pytest.raises(ValueError, match=r"g\[0\] has shape"):
     tj.group_action(params, (g[1], g[0]), symmetry=SYM, data=data)
   with pytest.raises(ValueError, match="bias of layer 0"):
-    tj.infer_layout([(jnp.ones((4, 3)), jnp.ones(5)), (jnp.ones((2, 4)), jnp.ones(2))])
+    tj.symmetries.infer_layout([(jnp.ones((4, 3)), jnp.ones(5)), (jnp.ones((2, 4)), jnp.ones(2))])
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
@@ -56,7 +56,7 @@ def test_unknown_activation_and_objective_names():
   with pytest.raises(ValueError, match="Unknown objective 'fastest'"):
     tj.teleport(loss, params, data, symmetry=SYM, objective="fastest")
   with pytest.raises(ValueError, match="negative_slope"):
-    tj.leaky_relu(0.0)
+    tj.activations.leaky_relu(0.0)
 
 
 def test_non_finite_params_or_data_give_the_same_rejection_eagerly_and_under_jit():
@@ -120,7 +120,7 @@ def test_bad_transform_arguments():
 
 def test_layout_and_variant_arguments():
   with pytest.raises(ValueError, match="kernel_format"):
-    tj.MLPLayout(((0,), (1,)), (None, None), "rows")
+    tj.symmetries.MLPLayout(((0,), (1,)), (None, None), "rows")
   with pytest.raises(ValueError, match="variant"):
     tj.DataDependentGL(variant="approximately")
   with pytest.raises(TypeError, match="layout must be"):
@@ -168,15 +168,18 @@ def test_with_teleport_next_to_other_chain_links_raises_teleport_error():
 def test_optimizer_lookahead_without_an_optimizer_raises_teleport_error():
   params, data = published_problem(0)
   with pytest.raises(tj.TeleportError, match="optimizer_lookahead needs the optimizer"):
-    tj.teleport(loss, params, data, symmetry=SYM, objective=tj.optimizer_lookahead(), num_steps=1)
+    tj.teleport(
+      loss, params, data, symmetry=SYM, objective=tj.objectives.optimizer_lookahead(), num_steps=1
+    )
 
 
 @pytest.mark.parametrize("name", ["relu", "leaky_relu", "identity", "tanh", "asinh"])
 @pytest.mark.parametrize("symmetry", [tj.DataDependentGL, tj.PositiveRescaling])
 def test_an_uncalled_activation_factory_says_to_call_it(name, symmetry):
-  factory = getattr(tj, name)
+  factory = getattr(tj.activations, name)
   pattern = (
-    rf"activation must be a teleport_jax.Activation; tj\.{name} is a factory: pass tj\.{name}\("
+    r"activation must be a teleport_jax.activations.Activation; "
+    rf"tj\.activations\.{name} is a factory: pass tj\.activations\.{name}\("
   )
   with pytest.raises(TypeError, match=pattern):
     symmetry(activation=factory)

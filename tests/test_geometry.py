@@ -14,7 +14,7 @@ import teleport_jax as tj
 from teleport_jax._src.objectives import geometry
 from teleport_jax.experiments import regression
 
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 WIDTHS = (3, 5, 4, 2)
 
 
@@ -46,7 +46,7 @@ def regression_loss(params, data):
 def test_sharpness_matches_a_python_loop_over_the_same_perturbations(dtype, relative):
   params, data = small_mlp(dtype)
   radius, num = 0.3, 5
-  obj = tj.sharpness(radius, num_samples=num, seed=3, relative=relative)
+  obj = tj.geometry.sharpness(radius, num_samples=num, seed=3, relative=relative)
   value, loss = jax.jit(lambda p: obj.fn(MLP_LOSS, p, data))(params)
   flat, unravel = ravel_pytree(params)
   u = geometry.perturbation_directions(3, num, flat.size, flat.dtype, unit=not relative)
@@ -73,7 +73,7 @@ def test_sharpness_of_a_quadratic_is_half_the_mean_curvature_along_the_direction
   h = jnp.diag(jnp.asarray([1.0, 2.0, 5.0], jnp.float64))
   loss = lambda w: 0.5 * w @ h @ w + jnp.sum(w)  # noqa: E731
   w = jnp.asarray([0.3, -1.0, 2.0], jnp.float64)
-  value, _ = tj.sharpness(0.5, num_samples=7, seed=1).fn(loss, w, None)
+  value, _ = tj.geometry.sharpness(0.5, num_samples=7, seed=1).fn(loss, w, None)
   u = geometry.perturbation_directions(1, 7, 3, jnp.float64)
   expected = jnp.mean(jax.vmap(lambda v: 0.5 * 0.25 * v @ h @ v)(u))
   np.testing.assert_allclose(value, expected, rtol=1e-12)
@@ -81,17 +81,21 @@ def test_sharpness_of_a_quadratic_is_half_the_mean_curvature_along_the_direction
 
 def test_sharpness_is_deterministic_jittable_and_vmappable():
   params, data = small_mlp(jnp.float64)
-  obj = tj.sharpness(0.2, num_samples=4)
+  obj = tj.geometry.sharpness(0.2, num_samples=4)
   value = jax.jit(lambda p: obj.fn(MLP_LOSS, p, data)[0])
   first = value(params)
-  again = jax.jit(lambda p: tj.sharpness(0.2, num_samples=4).fn(MLP_LOSS, p, data)[0])(params)
+  again = jax.jit(lambda p: tj.geometry.sharpness(0.2, num_samples=4).fn(MLP_LOSS, p, data)[0])(
+    params
+  )
   np.testing.assert_allclose(again, first, rtol=1e-14)  # the same key in every trace
   other, _ = small_mlp(jnp.float64, seed=1)
   stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params, other)
   batched = jax.jit(jax.vmap(value))(stacked)
   np.testing.assert_allclose(batched, [first, value(other)], rtol=1e-10)
-  assert obj == tj.sharpness(0.2, num_samples=4) and hash(obj) == hash(tj.sharpness(0.2, 4))
-  assert obj != tj.sharpness(0.2, num_samples=4, seed=1)
+  assert obj == tj.geometry.sharpness(0.2, num_samples=4) and hash(obj) == hash(
+    tj.geometry.sharpness(0.2, 4)
+  )
+  assert obj != tj.geometry.sharpness(0.2, num_samples=4, seed=1)
 
 
 def test_relative_sharpness_is_invariant_under_rescaling_absolute_is_not():
@@ -102,8 +106,8 @@ def test_relative_sharpness_is_invariant_under_rescaling_absolute_is_not():
   )
   moved = tj.group_action(params, sym.exp(xi), symmetry=sym)
   np.testing.assert_allclose(MLP_LOSS(moved, data), MLP_LOSS(params, data), rtol=1e-12)
-  rel = tj.sharpness(0.1, num_samples=6, relative=True)
-  ab = tj.sharpness(0.1, num_samples=6)
+  rel = tj.geometry.sharpness(0.1, num_samples=6, relative=True)
+  ab = tj.geometry.sharpness(0.1, num_samples=6)
   both = jax.jit(lambda p: (rel.fn(MLP_LOSS, p, data)[0], ab.fn(MLP_LOSS, p, data)[0]))
   (r0, a0), (r1, a1) = both(params), both(moved)
   np.testing.assert_allclose(r1, r0, rtol=1e-10)
@@ -112,9 +116,9 @@ def test_relative_sharpness_is_invariant_under_rescaling_absolute_is_not():
 
 # ------------------------------------------------------------------ curvature
 def test_rotation_orbit_of_a_point_is_a_circle_with_curvature_one_over_radius(dtype):
-  sym = tj.QuadraticRotation(hessian=jnp.eye(2, dtype=dtype), center=jnp.zeros(2, dtype))
+  sym = tj.symmetries.QuadraticRotation(hessian=jnp.eye(2, dtype=dtype), center=jnp.zeros(2, dtype))
   loss = lambda p: 0.5 * jnp.sum(p**2)  # noqa: E731
-  obj = tj.orbit_curvature(sym, num_directions=3)
+  obj = tj.geometry.orbit_curvature(sym, num_directions=3)
   kappa_of = jax.jit(lambda w: obj.fn(loss, w, None)[0])
   for radius in (0.5, 2.0, 10.0):
     kappa = kappa_of(radius * jnp.asarray([0.6, -0.8], dtype))
@@ -124,11 +128,11 @@ def test_rotation_orbit_of_a_point_is_a_circle_with_curvature_one_over_radius(dt
 
 def test_rotation_orbit_of_a_quadratic_is_an_ellipse_with_its_curvature():
   a, b, c = 1.0, 4.0, 2.0  # level set a x^2/2 + b y^2/2 = c: semi-axes sqrt(2c/a), sqrt(2c/b)
-  sym = tj.QuadraticRotation(hessian=jnp.diag(jnp.asarray([a, b])), center=jnp.zeros(2))
+  sym = tj.symmetries.QuadraticRotation(hessian=jnp.diag(jnp.asarray([a, b])), center=jnp.zeros(2))
   ax, bx = np.sqrt(2 * c / a), np.sqrt(2 * c / b)
   loss = lambda p: 0.5 * (a * p[0] ** 2 + b * p[1] ** 2)  # noqa: E731
   # through the matrix exponential (the circle test above uses the default retraction)
-  obj = tj.orbit_curvature(sym, num_directions=2, use_retract=False)
+  obj = tj.geometry.orbit_curvature(sym, num_directions=2, use_retract=False)
   fn = jax.jit(lambda w: obj.fn(loss, w, None))
   for theta in (0.0, 0.7, 2.0):
     kappa, value = fn(jnp.asarray([ax * np.cos(theta), bx * np.sin(theta)]))
@@ -167,7 +171,7 @@ def objective_value(fn, loss_fn, params, data):
 def test_curvature_matches_finite_differences_on_mlp_with_rescaling():
   params, data = small_mlp(jnp.float64)
   sym = tj.PositiveRescaling()
-  obj = tj.orbit_curvature(sym, num_directions=2)
+  obj = tj.geometry.orbit_curvature(sym, num_directions=2)
   dirs = obj.fn.directions(params)
   derivatives = jax.jit(jax.vmap(lambda m: geometry.orbit_derivatives(params, m, sym)))(dirs)
   kappas = []
@@ -190,7 +194,7 @@ def test_curvature_matches_finite_differences_on_regression_with_data_gl():
   # matrix exponential: they agree because both maps agree to second order.
   params, data = regression_problem(jnp.float64)
   sym = regression.symmetry()
-  obj = tj.orbit_curvature(sym, num_directions=2)
+  obj = tj.geometry.orbit_curvature(sym, num_directions=2)
   dirs = obj.fn.directions(params)
   expected = [
     _finite_difference_curvature(params, jax.tree_util.tree_map(lambda a, i=i: a[i], dirs), sym,
@@ -219,7 +223,7 @@ def test_stationary_curve_has_zero_curvature_and_finite_gradient():
 
 def test_curvature_is_jittable_and_vmappable_over_params():
   sym = tj.PositiveRescaling()
-  obj = tj.orbit_curvature(sym, num_directions=2)
+  obj = tj.geometry.orbit_curvature(sym, num_directions=2)
   params, data = small_mlp(jnp.float32)
   other, _ = small_mlp(jnp.float32, seed=1)
   stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), params, other)
@@ -227,18 +231,18 @@ def test_curvature_is_jittable_and_vmappable_over_params():
   batched = jax.jit(jax.vmap(value))(stacked)
   expected = [value(p) for p in (params, other)]
   np.testing.assert_allclose(batched, expected, rtol=1e-5)
-  assert obj == tj.orbit_curvature(tj.PositiveRescaling(), num_directions=2)
-  assert hash(obj) == hash(tj.orbit_curvature(tj.PositiveRescaling(), num_directions=2))
-  rot = tj.QuadraticRotation(hessian=jnp.eye(2), center=jnp.zeros(2))  # holds arrays
-  assert tj.orbit_curvature(rot) == tj.orbit_curvature(rot)
-  hash(tj.orbit_curvature(rot))
+  assert obj == tj.geometry.orbit_curvature(tj.PositiveRescaling(), num_directions=2)
+  assert hash(obj) == hash(tj.geometry.orbit_curvature(tj.PositiveRescaling(), num_directions=2))
+  rot = tj.symmetries.QuadraticRotation(hessian=jnp.eye(2), center=jnp.zeros(2))  # holds arrays
+  assert tj.geometry.orbit_curvature(rot) == tj.geometry.orbit_curvature(rot)
+  hash(tj.geometry.orbit_curvature(rot))
 
 
 # ------------------------------------------------------------------ teleports
 def _make(kind, sym, maximize):
   if kind == "sharpness":
-    return tj.sharpness(0.3, num_samples=4, maximize=maximize)
-  return tj.orbit_curvature(sym, num_directions=2, maximize=maximize)
+    return tj.geometry.sharpness(0.3, num_samples=4, maximize=maximize)
+  return tj.geometry.orbit_curvature(sym, num_directions=2, maximize=maximize)
 
 
 def _check_teleport(loss_fn, params, data, sym, obj, dtype):
@@ -308,13 +312,13 @@ def test_teleport_moves_objective_on_published_regression_with_data_gl(kind, max
 )
 def test_sharpness_rejects_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    tj.sharpness(**kwargs)
+    tj.geometry.sharpness(**kwargs)
 
 
 def test_orbit_curvature_rejects_bad_arguments():
   with pytest.raises(TypeError, match="symmetry"):
-    tj.orbit_curvature("rescaling")
+    tj.geometry.orbit_curvature("rescaling")
   with pytest.raises(ValueError, match="num_directions"):
-    tj.orbit_curvature(tj.PositiveRescaling(), num_directions=0)
+    tj.geometry.orbit_curvature(tj.PositiveRescaling(), num_directions=0)
   with pytest.raises(ValueError, match="seed"):
-    tj.orbit_curvature(tj.PositiveRescaling(), seed="zero")
+    tj.geometry.orbit_curvature(tj.PositiveRescaling(), seed="zero")

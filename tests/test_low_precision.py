@@ -164,7 +164,7 @@ def _f32_cross_entropy(m):
 def _train(m, sym, loss, inner, policy):
   """``NUM_STEPS`` jitted AdamW steps teleporting at ``TELEPORT_STEPS``."""
   opt = tj.with_teleport(
-    inner, sym, schedule=tj.at_steps(list(TELEPORT_STEPS)), state_policy=policy
+    inner, sym, schedule=tj.schedules.at_steps(list(TELEPORT_STEPS)), state_policy=policy
   )
   batch = zoo.example_batch(m)
 

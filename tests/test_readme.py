@@ -107,7 +107,7 @@ from teleport_jax.experiments import regression
 params, x, y = regression.make_problem(0)
 num_chunks, chunk_len = 3, 2
 batches = (jnp.stack([x] * chunk_len), jnp.stack([y] * chunk_len))
-act = tj.leaky_relu(0.1)
+act = tj.activations.leaky_relu(0.1)
 
 
 def value_fn(params, x, y):
@@ -118,7 +118,7 @@ def value_fn(params, x, y):
 
 
 opt = tj.with_teleport(
-  optax.sgd(1e-4), tj.DataDependentGL(activation=act), tj.at_steps([2]), num_steps=2
+  optax.sgd(1e-4), tj.DataDependentGL(activation=act), tj.schedules.at_steps([2]), num_steps=2
 )
 opt_state = opt.init(params)
 
@@ -323,3 +323,47 @@ def test_api_table_name_exists(name):
 def test_api_table_call_form_matches_the_signature(form):
   problems = _problems(form)
   assert not problems, f"{form}: {problems}"
+
+
+NAMESPACES = [
+  "activations",
+  "finders",
+  "geometry",
+  "groups",
+  "objectives",
+  "problems",
+  "schedules",
+  "solvers",
+  "symmetries",
+]
+
+
+def _documented() -> set[str]:
+  text = (ROOT / "docs" / "api.md").read_text()
+  return set(re.findall(r"tj\.[\w.]+", text))
+
+
+@pytest.mark.parametrize("namespace", ["", *NAMESPACES])
+def test_every_public_name_is_on_the_api_page(namespace):
+  module = getattr(tj, namespace) if namespace else tj
+  prefix = f"tj.{namespace}." if namespace else "tj."
+  documented = _documented()
+  missing = [
+    n
+    for n in module.__all__
+    if not any(d == f"{prefix}{n}" or d.startswith(f"{prefix}{n}.") for d in documented)
+  ]
+  assert not missing, f"docs/api.md does not document {missing}"
+
+
+def test_every_namespace_is_public_and_listed():
+  assert set(NAMESPACES) <= set(tj.__all__)
+  found = {n for n in tj.__all__ if inspect.ismodule(getattr(tj, n))}
+  assert found == set(NAMESPACES)
+
+
+def test_a_namespaced_name_at_the_top_level_says_where_it_lives():
+  with pytest.raises(AttributeError, match=r"tj\.activations\.relu"):
+    getattr(tj, "relu")  # noqa: B009
+  with pytest.raises(AttributeError, match="no attribute 'nothing_here'$"):
+    tj.nothing_here  # noqa: B018

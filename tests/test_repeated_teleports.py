@@ -13,12 +13,12 @@ from test_solver import published_problem
 import teleport_jax as tj
 from teleport_jax._src.solver import solver as solver_lib
 
-LEAKY = tj.leaky_relu(0.1)
+LEAKY = tj.activations.leaky_relu(0.1)
 SYM = tj.DataDependentGL(activation=LEAKY)
 
 
 def _sharpness(params, data, lr):
-  return float(lr * jnp.abs(tj.hessian_max_eigenvalue(published_loss, params, data)))
+  return float(lr * jnp.abs(tj.geometry.hessian_max_eigenvalue(published_loss, params, data)))
 
 
 @pytest.mark.parametrize("told", ["learning_rate", "optimizer"])
@@ -114,8 +114,8 @@ def test_a_small_step_lookahead_in_float32_still_teleports_under_adam():
   opt = tj.with_teleport(
     optax.adam(1e-3),
     tj.PositiveRescaling(),
-    tj.at_steps([3, 7, 11]),
-    objective=tj.lookahead_loss(1e-3, 2),
+    tj.schedules.at_steps([3, 7, 11]),
+    objective=tj.objectives.lookahead_loss(1e-3, 2),
   )
   state = opt.init(params)
 
@@ -139,12 +139,12 @@ def test_an_orbit_on_which_the_lookahead_is_constant_is_refused_not_decided_by_r
   # GD on 1/2 |w|^2 commutes with rotations: every orbit point has the same
   # look-ahead loss, and the float32 values differ by rounding only
   w = jnp.asarray([0.3, -1.2, 0.7, 2.0], jnp.float32)
-  sym = tj.QuadraticRotation(
+  sym = tj.symmetries.QuadraticRotation(
     hessian=jnp.eye(4, dtype=jnp.float32), center=jnp.zeros(4, jnp.float32)
   )
   loss = lambda w: 0.5 * jnp.sum(w**2)  # noqa: E731
   new, info = tj.teleport(
-    loss, w, symmetry=sym, objective=tj.lookahead_loss(1e-3, 2), num_steps=8, throw=False
+    loss, w, symmetry=sym, objective=tj.objectives.lookahead_loss(1e-3, 2), num_steps=8, throw=False
   )
   assert int(info.status) == tj.TeleportStatus.NO_IMPROVEMENT
   np.testing.assert_array_equal(np.asarray(new), np.asarray(w))

@@ -43,7 +43,7 @@ def _problem(seed, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_hessian_max_eigenvalue_matches_the_exact_spectrum(dtype):
   params, data = _problem(0, dtype)
-  lam = tj.hessian_max_eigenvalue(_data_loss, params, data, num_iterations=100)
+  lam = tj.geometry.hessian_max_eigenvalue(_data_loss, params, data, num_iterations=100)
   assert lam.dtype == dtype
   exact = _exact_max_abs_eigenvalue(_data_loss, params, data)
   assert abs(float(lam)) == pytest.approx(exact, rel=1e-3)
@@ -51,15 +51,15 @@ def test_hessian_max_eigenvalue_matches_the_exact_spectrum(dtype):
 
 def test_hessian_max_eigenvalue_of_a_quadratic_keeps_its_sign():
   loss = lambda w: 0.5 * (w[0] ** 2 - 4.0 * w[1] ** 2)  # noqa: E731
-  assert float(tj.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=60)) == pytest.approx(
-    -4.0, rel=1e-5
-  )
+  assert float(
+    tj.geometry.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=60)
+  ) == pytest.approx(-4.0, rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_hessian_max_eigenvalue_rejects_bad_num_iterations(bad):
   with pytest.raises(ValueError, match="num_iterations"):
-    tj.hessian_max_eigenvalue(lambda w: jnp.sum(w**2), jnp.ones(2), num_iterations=bad)
+    tj.geometry.hessian_max_eigenvalue(lambda w: jnp.sum(w**2), jnp.ones(2), num_iterations=bad)
 
 
 @pytest.mark.parametrize(
@@ -72,16 +72,16 @@ def test_hessian_max_eigenvalue_rejects_bad_num_iterations(bad):
 )
 def test_stability_constrained_rejects_bad_arguments(kwargs, name):
   with pytest.raises(ValueError, match=name):
-    tj.stability_constrained("max_grad_norm", **kwargs)
+    tj.objectives.stability_constrained("max_grad_norm", **kwargs)
 
 
 @pytest.mark.parametrize("maximize", [True, False])
 def test_stability_constrained_keeps_direction_and_is_worst_above_the_bound(maximize):
   params, data = _problem(0, jnp.float64)
-  inner = tj.grad_norm_sq(maximize)
+  inner = tj.objectives.grad_norm_sq(maximize)
   lam = _exact_max_abs_eigenvalue(_data_loss, params, data)
-  below = tj.stability_constrained(inner, 1.0 / lam)  # lr * lam = 1 <= 2
-  above = tj.stability_constrained(inner, 3.0 / lam)  # lr * lam = 3 > 2
+  below = tj.objectives.stability_constrained(inner, 1.0 / lam)  # lr * lam = 1 <= 2
+  above = tj.objectives.stability_constrained(inner, 3.0 / lam)  # lr * lam = 3 > 2
   assert below.maximize == above.maximize == maximize
   value, loss = inner.fn(_data_loss, params, data)
   v_below, l_below = below.fn(_data_loss, params, data)
@@ -93,7 +93,7 @@ def test_stability_constrained_keeps_direction_and_is_worst_above_the_bound(maxi
 
 def test_constrained_lookahead_teleport_lowers_the_lookahead_loss():
   params, data = _problem(0, jnp.float32)
-  objective = tj.stability_constrained(tj.lookahead_loss(LR, 5), LR)
+  objective = tj.objectives.stability_constrained(tj.objectives.lookahead_loss(LR, 5), LR)
   new, info = tj.teleport(
     _data_loss, params, data, symmetry=regression.symmetry(), objective=objective, num_steps=10
   )
@@ -114,7 +114,9 @@ def test_max_grad_norm_teleport_never_leaves_the_bound(threshold=1.0):
   kw = dict(symmetry=sym, num_steps=10, step_size=0.1)
   free, _ = tj.teleport(_data_loss, params, data, objective="max_grad_norm", **kw)
   assert LR * _exact_max_abs_eigenvalue(_data_loss, free, data) > threshold
-  objective = tj.stability_constrained("max_grad_norm", LR, threshold=threshold, num_iterations=50)
+  objective = tj.objectives.stability_constrained(
+    "max_grad_norm", LR, threshold=threshold, num_iterations=50
+  )
   safe, info = tj.teleport(_data_loss, params, data, objective=objective, **kw)
   assert bool(info.accepted)
   assert float(info.grad_norm_sq_after) > float(info.grad_norm_sq_before)
@@ -125,7 +127,7 @@ def test_teleport_starting_above_the_bound_does_not_move():
   params, data = _problem(0, jnp.float32)
   params = [3.0 * w for w in params]  # a much sharper point of the same problem
   assert LR * _exact_max_abs_eigenvalue(_data_loss, params, data) > 2.0
-  objective = tj.stability_constrained(tj.lookahead_loss(LR, 5), LR)
+  objective = tj.objectives.stability_constrained(tj.objectives.lookahead_loss(LR, 5), LR)
   new, info = tj.teleport(
     _data_loss, params, data, symmetry=regression.symmetry(), objective=objective, num_steps=10
   )
@@ -171,13 +173,17 @@ def test_repeated_max_grad_norm_schedule_diverges_without_and_stays_finite_with_
   seeds = (0, 1)
   free = _train("max_grad_norm", seeds)
   assert not np.all(np.isfinite(free))
-  safe = _train(tj.stability_constrained("max_grad_norm", LR), seeds)
+  safe = _train(tj.objectives.stability_constrained("max_grad_norm", LR), seeds)
   assert np.all(np.isfinite(safe))
 
 
 def test_repeated_constrained_lookahead_schedule_keeps_every_seed_finite_and_below_gd():
   seeds = (0, 1)
-  losses = _train(tj.stability_constrained(tj.lookahead_loss(LR, 5), LR), seeds, num_steps=30)
+  losses = _train(
+    tj.objectives.stability_constrained(tj.objectives.lookahead_loss(LR, 5), LR),
+    seeds,
+    num_steps=30,
+  )
   assert np.all(np.isfinite(losses))
   gd = _train(None, seeds)
   assert np.all(losses[:, -1] < gd[:, -1])

@@ -10,7 +10,7 @@ from conftest import random_mlp
 import teleport_jax as tj
 from teleport_jax.experiments import regression
 
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 
 
 def published_problem(seed, dtype=jnp.float32):
@@ -137,7 +137,9 @@ def test_custom_objective_hook_is_maximised():
   )
   assert bool(info.accepted)
   assert float(jnp.sum(new[0] ** 2)) > float(jnp.sum(params[0] ** 2))
-  minimised = tj.Objective(lambda lf, p, d: jnp.sum(p[0] ** 2), maximize=False, name="l0")
+  minimised = tj.objectives.Objective(
+    lambda lf, p, d: jnp.sum(p[0] ** 2), maximize=False, name="l0"
+  )
   new, _ = tj.teleport(
     loss, params, data, symmetry=tj.PositiveRescaling(), objective=minimised, num_steps=4
   )
@@ -147,7 +149,7 @@ def test_custom_objective_hook_is_maximised():
 def test_lookahead_objective_lowers_loss_after_a_step():
   params, data = published_problem(6)
   lr = 1e-4
-  obj = tj.lookahead_loss(lr, num_steps=2)
+  obj = tj.objectives.lookahead_loss(lr, num_steps=2)
   new, info = tj.teleport(loss, params, data, symmetry=SYMS["data_gl"], objective=obj, num_steps=6)
   assert bool(info.accepted)
 
@@ -193,7 +195,7 @@ def test_rotation_teleport_on_quadratic_finds_max_gradient_norm_point():
   c = jnp.zeros(n, jnp.float64)
   f = lambda w: 0.5 * w @ h @ w
   w0 = jax.random.normal(jax.random.key(1), (n,), jnp.float64)
-  sym = tj.QuadraticRotation(hessian=h, center=c)
+  sym = tj.symmetries.QuadraticRotation(hessian=h, center=c)
   new, info = tj.teleport(
     f, w0, symmetry=sym, num_steps=200, step_size=0.1, objective="max_grad_norm"
   )
@@ -217,7 +219,12 @@ def test_teleport_helps_gradient_descent_on_published_problem():
 
   plain = loss(jax.jit(gd, static_argnums=1)(params, 50), data)
   tele, info = tj.teleport(
-    loss, params, data, symmetry=SYMS["data_gl"], num_steps=8, objective=tj.lookahead_loss(lr, 1)
+    loss,
+    params,
+    data,
+    symmetry=SYMS["data_gl"],
+    num_steps=8,
+    objective=tj.objectives.lookahead_loss(lr, 1),
   )
   assert bool(info.accepted)
   teleported = loss(jax.jit(gd, static_argnums=1)(tele, 50), data)

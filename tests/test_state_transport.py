@@ -10,7 +10,7 @@ from conftest import random_mlp
 
 import teleport_jax as tj
 
-LEAKY = tj.leaky_relu(0.1)
+LEAKY = tj.activations.leaky_relu(0.1)
 
 
 def _case(name, dtype):
@@ -24,7 +24,7 @@ def _case(name, dtype):
   elif name == "linear_gl":
     params = random_mlp(k1, (5, 6, 4, 3), dtype, fmt="out_in")
     x, y = jax.random.normal(k2, (5, 9), dtype), jax.random.normal(k3, (3, 9), dtype)
-    act, sym = tj.identity(), tj.LinearGL()
+    act, sym = tj.activations.identity(), tj.LinearGL()
   elif name in ("data_gl", "data_gl_deep"):
     widths = (5, 6, 7, 8) if name == "data_gl" else (5, 6, 7, 6, 8, 3)
     params = random_mlp(k1, widths, dtype, fmt="out_in")
@@ -144,7 +144,7 @@ def test_every_state_policy_trains_under_jit(make_opt):
 
   for policy in ("keep", "reset", "transport"):
     opt = tj.with_teleport(
-      make_opt(), sym, tj.at_steps([1]), objective="min_grad_norm", num_steps=2,
+      make_opt(), sym, tj.schedules.at_steps([1]), objective="min_grad_norm", num_steps=2,
       state_policy=policy,
     )  # fmt: skip
 
@@ -171,7 +171,7 @@ def test_transport_policy_moves_momentum_to_the_teleported_point():
     return 0.5 * jnp.sum((y - mlp_apply(p, x, LEAKY, "pairs")) ** 2)
 
   opt = tj.with_teleport(
-    optax.sgd(1e-3, momentum=0.5), sym, tj.at_steps([1]), objective="min_grad_norm",
+    optax.sgd(1e-3, momentum=0.5), sym, tj.schedules.at_steps([1]), objective="min_grad_norm",
     num_steps=3, state_policy="transport",
   )  # fmt: skip
   s = opt.init(params)
@@ -199,9 +199,9 @@ def test_bad_state_policy_and_unsupported_symmetry_raise():
     tj.with_teleport(optax.adam(1e-3), sym, 1, state_policy="move")
   # every group composes, so every group can move state; a back-end that does not move
   # along a group has no element to move it with
-  tj.with_teleport(optax.adam(1e-3), tj.booth_symmetry(), 1, state_policy="transport")
+  tj.with_teleport(optax.adam(1e-3), tj.problems.booth_symmetry(), 1, state_policy="transport")
 
-  class NoElement(tj.Lie):
+  class NoElement(tj.solvers.Lie):
     tracks_element = False
 
   with pytest.raises(ValueError, match="transport"):

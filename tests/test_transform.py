@@ -10,7 +10,7 @@ from test_solver import published_problem
 
 import teleport_jax as tj
 
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 SYM = tj.DataDependentGL(activation=ACT)
 
 
@@ -50,7 +50,7 @@ def test_chain_with_common_optimizers_teleports_on_schedule_under_jit(make_opt, 
     tj.with_teleport(
       optax.chain(optax.identity(), make_opt(lr)),
       SYM,
-      schedule=tj.at_steps([2, 5]),
+      schedule=tj.schedules.at_steps([2, 5]),
       num_steps=3,
       stability=False,
     ),
@@ -69,7 +69,7 @@ def test_chain_with_common_optimizers_teleports_on_schedule_under_jit(make_opt, 
 def test_update_between_teleports_is_exactly_the_inner_optimizer():
   params, data = published_problem(1)
   inner = optax.adam(1e-3)
-  opt = tj.with_teleport(inner, SYM, schedule=tj.at_steps([100]))
+  opt = tj.with_teleport(inner, SYM, schedule=tj.schedules.at_steps([100]))
   p1, _, l1, _ = train(opt, params, data, 5)
   p2, _, l2, _ = train(inner, params, data, 5)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
@@ -80,7 +80,7 @@ def test_update_between_teleports_is_exactly_the_inner_optimizer():
 def test_teleport_step_moves_params_along_orbit_then_takes_inner_step():
   params, data = published_problem(2)
   lr = 1e-4
-  objective = tj.lookahead_loss(lr, 2)
+  objective = tj.objectives.lookahead_loss(lr, 2)
   opt = tj.with_teleport(optax.sgd(lr), SYM, schedule=[0], num_steps=3, objective=objective)
   state = opt.init(params)
   grads = jax.grad(value_fn)(params, *data)
@@ -99,7 +99,7 @@ def test_teleport_step_moves_params_along_orbit_then_takes_inner_step():
 def test_state_policy_keep_or_reset(policy):
   params, data = published_problem(3)
   opt = tj.with_teleport(
-    optax.adam(1e-3), SYM, schedule=tj.at_steps([3]), num_steps=2, state_policy=policy
+    optax.adam(1e-3), SYM, schedule=tj.schedules.at_steps([3]), num_steps=2, state_policy=policy
   )
   _, state, _, _ = train(opt, params, data, 4)
   adam_state = state.inner_state[0]
@@ -114,7 +114,7 @@ def test_schedules_every_and_first():
   for schedule, expected in (
     (tj.every(3), 1),
     (tj.every(3, start=0), 2),
-    (tj.first(2), 2),
+    (tj.schedules.first(2), 2),
     (2, 2),
     (tj.every(2, start=1, stop=5), 2),
   ):
@@ -125,7 +125,7 @@ def test_schedules_every_and_first():
 
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_an_int_schedule_first_fires_after_k_steps_not_on_a_fresh_state(k):
-  for schedule in (tj.as_schedule(k), tj.every(k)):
+  for schedule in (tj.schedules.as_schedule(k), tj.every(k)):
     fires = [c for c in range(3 * k + 1) if bool(schedule(jnp.asarray(c)))]
     assert fires == [k, 2 * k, 3 * k]
   assert bool(tj.every(k, start=0)(jnp.asarray(0)))  # a fresh-state teleport is opt-in
@@ -178,7 +178,7 @@ def test_teleport_speeds_up_early_gd_on_published_problem():
   plain = train(optax.sgd(lr), params, data, 50)[2]
   tele = train(
     tj.with_teleport(
-      optax.sgd(lr), SYM, schedule=[5], num_steps=10, objective=tj.lookahead_loss(lr, 1)
+      optax.sgd(lr), SYM, schedule=[5], num_steps=10, objective=tj.objectives.lookahead_loss(lr, 1)
     ),
     params,
     data,
@@ -207,7 +207,10 @@ def test_flax_linen_and_nnx_models_train_with_teleport():
   vf = lambda p, x, y: jnp.mean((model.apply(p, x) - y) ** 2)
   opt = optax.chain(
     tj.with_teleport(
-      optax.adam(1e-2), tj.DataDependentGL(activation=ACT), schedule=tj.at_steps([1]), num_steps=3
+      optax.adam(1e-2),
+      tj.DataDependentGL(activation=ACT),
+      schedule=tj.schedules.at_steps([1]),
+      num_steps=3,
     )
   )
   state = opt.init(params)
@@ -274,7 +277,7 @@ def test_teleport_on_a_sub_batch_is_exact_on_the_whole_batch(backend):
     tj.PositiveRescaling(),
     [0],
     solver_backend=backend,
-    objective=tj.lookahead_loss(0.5, 2) if backend == "linesearch" else None,
+    objective=tj.objectives.lookahead_loss(0.5, 2) if backend == "linesearch" else None,
     num_steps=4,
     teleport_batch=8,
   )
@@ -309,7 +312,7 @@ def test_a_python_bool_decides_the_teleport_statically_without_a_conditional():
   params, data = published_problem(2)
   lr = 1e-4
   opt = tj.with_teleport(
-    optax.sgd(lr), SYM, schedule=[0], num_steps=3, objective=tj.lookahead_loss(lr, 2)
+    optax.sgd(lr), SYM, schedule=[0], num_steps=3, objective=tj.objectives.lookahead_loss(lr, 2)
   )
   state = opt.init(params)
   grads = jax.grad(value_fn)(params, *data)
@@ -347,8 +350,8 @@ def test_warm_start_begins_the_next_search_at_the_previous_final_step_size(backe
     jax.random.normal(jax.random.key(9), (3, 16), jnp.float64),
   )
   every_step = tj.every(1, start=0)  # the first teleport on the first step
-  make = {"lie": tj.Lie, "linesearch": tj.LineSearch}[backend]
-  kw = dict(objective=tj.lookahead_loss(0.05, 2), num_steps=3, stability=False)
+  make = {"lie": tj.solvers.Lie, "linesearch": tj.solvers.LineSearch}[backend]
+  kw = dict(objective=tj.objectives.lookahead_loss(0.05, 2), num_steps=3, stability=False)
   kw["solver_backend"] = make(step_size=0.05)
   warm = tj.with_teleport(
     optax.sgd(0.05), tj.PositiveRescaling(), every_step, warm_start=True, **kw
@@ -392,10 +395,10 @@ def test_warm_start_needs_a_back_end_with_a_step_size():
     tj.every(3),
     tj.every(4, start=5),
     tj.every(3, start=2, stop=11),
-    tj.first(2),
-    tj.at_steps([0, 7, 8, 20]),
-    tj.at_steps([4], pad_to=3),
-    tj.at_steps([]),
+    tj.schedules.first(2),
+    tj.schedules.at_steps([0, 7, 8, 20]),
+    tj.schedules.at_steps([4], pad_to=3),
+    tj.schedules.at_steps([]),
   ],
 )
 @pytest.mark.parametrize("num_steps", [1, 2, 5])
@@ -403,16 +406,16 @@ def test_fires_within_agrees_with_the_schedule_at_every_step_of_the_window(sched
   fires = [bool(schedule(jnp.asarray(c))) for c in range(30)]
   for count in range(25):
     expected = any(fires[count : count + num_steps])
-    assert tj.fires_within(schedule, count, num_steps) == expected, (count, num_steps)
+    assert tj.schedules.fires_within(schedule, count, num_steps) == expected, (count, num_steps)
 
 
 def test_fires_within_refuses_a_bad_window_or_a_non_schedule():
   with pytest.raises(ValueError, match="num_steps"):
-    tj.fires_within(tj.every(2), 0, 0)
+    tj.schedules.fires_within(tj.every(2), 0, 0)
   with pytest.raises(ValueError, match="count"):
-    tj.fires_within(tj.every(2), -1, 3)
+    tj.schedules.fires_within(tj.every(2), -1, 3)
   with pytest.raises(TypeError, match="schedule"):
-    tj.fires_within(lambda c: True, 0, 3)
+    tj.schedules.fires_within(lambda c: True, 0, 3)
 
 
 def test_chunks_the_schedule_skips_can_run_without_the_conditional_with_the_same_result():

@@ -13,7 +13,7 @@ from test_solver import published_problem
 
 import teleport_jax as tj
 
-LEAKY = tj.leaky_relu(0.1)
+LEAKY = tj.activations.leaky_relu(0.1)
 
 
 class _MLP(nn.Module):
@@ -108,15 +108,15 @@ def test_layer_order_comes_from_the_call_not_the_names():
   _, params, data, loss = _flax_case(act="relu", names=names)
   new, info = tj.teleport(loss, params, data, symmetry=tj.PositiveRescaling(), num_steps=3)
   assert int(info.status) == tj.TeleportStatus.SUCCESSFUL
-  layout = tj.infer_layout(params, call=(lambda p, d: loss(p, d), (params, data)))
+  layout = tj.symmetries.infer_layout(params, call=(lambda p, d: loss(p, d), (params, data)))
   assert [p[-2].key for p in layout.kernel_paths] == list(names)
   # without a call the order is ambiguous, and the error says how to give it
   sym = tj.PositiveRescaling()
   with pytest.raises(ValueError, match="layer order is ambiguous.*MLPLayout"):
     tj.group_action(params, None, symmetry=sym)
   # a layout given in the wrong order is refused by the symmetry check
-  wrong = tj.infer_layout(params, call=(lambda p, d: loss(p, d), (params, data)))
-  wrong = tj.MLPLayout(
+  wrong = tj.symmetries.infer_layout(params, call=(lambda p, d: loss(p, d), (params, data)))
+  wrong = tj.symmetries.MLPLayout(
     (wrong.kernel_paths[1], wrong.kernel_paths[0], wrong.kernel_paths[2]),
     (wrong.bias_paths[1], wrong.bias_paths[0], wrong.bias_paths[2]),
   )
@@ -241,7 +241,7 @@ def test_numpy_and_jax_scalars_are_accepted_as_numbers():
     num_steps=np.int64(3),
     step_size=np.float32(0.1),
     max_step_size=jnp.float32(1.0),
-    objective=tj.lookahead_loss(np.float32(1e-4), np.int32(2)),
+    objective=tj.objectives.lookahead_loss(np.float32(1e-4), np.int32(2)),
   )
   assert bool(info.accepted)
 
@@ -255,7 +255,7 @@ def test_inject_hyperparams_around_with_teleport_runs_under_jit():
       optax.sgd(learning_rate),
       sym,
       [1],
-      objective=tj.lookahead_loss(learning_rate, 2),
+      objective=tj.objectives.lookahead_loss(learning_rate, 2),
       num_steps=2,
     )
 
@@ -280,19 +280,19 @@ def test_equal_settings_built_afresh_share_compiled_code():
   params, data = published_problem(5)
 
   def fresh():
-    sym = tj.DataDependentGL(activation=tj.leaky_relu(0.1))
-    obj = tj.stability_constrained(tj.lookahead_loss(1e-4, 3), 1e-4)
+    sym = tj.DataDependentGL(activation=tj.activations.leaky_relu(0.1))
+    obj = tj.objectives.stability_constrained(tj.objectives.lookahead_loss(1e-4, 3), 1e-4)
     return tj.teleport(published_loss, params, data, symmetry=sym, objective=obj, num_steps=2)
 
   fresh()
   before = solver._run_jit._cache_size()
   fresh()
   assert solver._run_jit._cache_size() == before
-  assert tj.leaky_relu(0.1) == tj.leaky_relu(0.1)
-  assert tj.DataDependentGL(activation=tj.leaky_relu(0.1)) == tj.DataDependentGL(
-    activation=tj.leaky_relu(0.1)
+  assert tj.activations.leaky_relu(0.1) == tj.activations.leaky_relu(0.1)
+  assert tj.DataDependentGL(activation=tj.activations.leaky_relu(0.1)) == tj.DataDependentGL(
+    activation=tj.activations.leaky_relu(0.1)
   )
-  assert tj.lookahead_loss(1e-4, 3) == tj.lookahead_loss(1e-4, 3)
+  assert tj.objectives.lookahead_loss(1e-4, 3) == tj.objectives.lookahead_loss(1e-4, 3)
 
 
 def test_an_element_in_the_published_convention_transposed_gives_the_published_features():

@@ -8,12 +8,14 @@ enforces it)::
     core -> symmetries -> discovery -> objectives -> solver -> integration
 
 * ``core``: errors, pytree paths, the jaxpr tracer, precision and loss calls.
-* ``symmetries``: the :class:`~teleport_jax.Symmetry` protocol, the groups and
+* ``symmetries``: the :class:`~teleport_jax.symmetries.Symmetry` protocol, the groups and
   sites, the MLP and function symmetries, the catalogue finders, the check.
 * ``discovery``: finding symmetries by propagating axis labels through a jaxpr.
 * ``objectives``: what a teleport optimises, and the stability constraint.
 * ``solver``: the teleport driver, its back-ends and optimizer-state transport.
 * ``integration``: the optax transformation, its schedules, the balanced wrapper.
 
-The public API is re-exported by ``teleport_jax/__init__.py``.
+The public API is re-exported by ``teleport_jax/__init__.py`` (what a training
+loop uses) and the namespace modules beside it (``teleport_jax.objectives``,
+``teleport_jax.solvers``, ...).
 """

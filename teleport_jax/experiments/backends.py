@@ -7,12 +7,12 @@ Three back-ends propose the teleport's inner steps behind the same driver
   data-dependent GL action on the regression problem, positive rescaling on
   the classification problem, as in their own experiments);
 * ``nullspace``: no group; the objective's gradient projected per layer onto
-  the null space of the layer's input batch (:class:`teleport_jax.NullSpace`);
+  the null space of the layer's input batch (:class:`teleport_jax.solvers.NullSpace`);
 * ``levelset``: no group; tangent steps on the loss level set with Newton
-  corrections back onto it (:class:`teleport_jax.LevelSet`).
+  corrections back onto it (:class:`teleport_jax.solvers.LevelSet`).
 
 Every back-end optimises the same objective (the loss after 5 steps of the
-training optimizer, :func:`teleport_jax.lookahead_loss`), with the same number
+training optimizer, :func:`teleport_jax.objectives.lookahead_loss`), with the same number
 of inner steps, and every teleport is checked by the driver.
 
 Problems:
@@ -30,7 +30,7 @@ Problems:
   held-out data are the validation set.
 
 Per teleport: the relative loss change on the teleport batch (the driver's
-``rel_loss_drift``) and on the held-out data (:func:`teleport_jax.held_out_drift`),
+``rel_loss_drift``) and on the held-out data (:func:`teleport_jax.solvers.held_out_drift`),
 the objective before and after, and the wall-clock cost in gradient
 evaluations (the compiled teleport's time over one compiled ``value_and_grad``
 of the loss on the same batch). Training is GD/SGD with the teleport applied
@@ -100,7 +100,7 @@ def _teleport_fn(loss, backend: str, symmetry, objective, num_steps: int):
   # one teleport per start point: no stability bound, as in the published protocol
   kwargs = dict(objective=objective, num_steps=num_steps, stability=False)
   if backend == "lie":
-    kwargs.update(symmetry=symmetry, solver=tj.Lie(step_size=0.1))
+    kwargs.update(symmetry=symmetry, solver=tj.solvers.Lie(step_size=0.1))
   else:
     kwargs.update(solver=backend)
   return jax.jit(lambda p, d: tj.teleport(loss, p, d, **kwargs))
@@ -162,7 +162,7 @@ def run_regression(seeds, epochs, progress=None, fns=None) -> dict:
 
 
 def _regression_teleports() -> dict:
-  objective = tj.lookahead_loss(reg_lib.GD_LR, 5)
+  objective = tj.objectives.lookahead_loss(reg_lib.GD_LR, 5)
   sym = reg_lib.symmetry("exact")
   return {b: _teleport_fn(_reg_loss, b, sym, objective, REG_STEPS) for b in BACKENDS}
 
@@ -215,7 +215,7 @@ def run_classification(config, seeds, epochs, progress=None) -> dict:
   def loss(p, d):
     return cls_lib.loss_fn(p, *d)
 
-  objective = tj.lookahead_loss(s.learning_rate, cls_lib.LOOKAHEAD_STEPS)
+  objective = tj.objectives.lookahead_loss(s.learning_rate, cls_lib.LOOKAHEAD_STEPS)
   fns = {b: _teleport_fn(loss, b, tj.PositiveRescaling(), objective, CLS_STEPS) for b in BACKENDS}
   grad_jit = jax.jit(jax.value_and_grad(loss))
   drift_jit = jax.jit(lambda p, q, d: held_out_drift(loss, p, q, d))

@@ -31,7 +31,7 @@ paper):
   loss curve most; plain SGD runs after them. The teleport uses the minibatch
   of that step.
 * ``sgd_teleport``: the paper's objective, maximise the squared gradient norm
-  (:func:`teleport_jax.grad_norm_sq`), with 10 normalised, safeguarded steps on
+  (:func:`teleport_jax.objectives.grad_norm_sq`), with 10 normalised, safeguarded steps on
   the Lie algebra whose size is capped at 0.1 (``max_step_size=0.1``), and no
   stability constraint (``stability=False``, opting out of ``with_teleport``'s
   default for repeating schedules: this method is the paper's teleport, and
@@ -43,11 +43,11 @@ paper):
   seeds also ended in NaN; with 0.2 the training loss jumped to as much as 514
   before recovering; with 0.1 the training loss has no spike.
 * ``sgd_teleport_lookahead``: ``with_teleport``'s default objective,
-  :func:`teleport_jax.optimizer_lookahead` (the loss after 5 steps of the
+  :func:`teleport_jax.objectives.optimizer_lookahead` (the loss after 5 steps of the
   wrapped SGD, i.e. 5 SGD steps of the training learning rate on the teleport's
   minibatch), 10 normalised steps of initial size 0.1 (cap 1.0), with the
   default stability constraint of a repeating schedule
-  (:class:`teleport_jax.Stability`). It knows the step size, so it does not
+  (:class:`teleport_jax.objectives.Stability`). It knows the step size, so it does not
   pick points too steep for it.
 
 Every teleport is checked against the library's float32 loss tolerance
@@ -86,7 +86,7 @@ from teleport_jax.experiments import common
 from teleport_jax.experiments import data as data_lib
 from teleport_jax.experiments import plotting
 
-ACTIVATION = tj.leaky_relu(0.1)
+ACTIVATION = tj.activations.leaky_relu(0.1)
 METHODS = ("sgd", "sgd_teleport", "sgd_teleport_lookahead")
 LOOKAHEAD_STEPS = 5
 # XLA options of the compiled epochs (the default; tests lower the optimisation level)
@@ -201,9 +201,9 @@ def make_schedule(s: Settings, steps_per_epoch: int):
 def teleport_config(method: str) -> tj.TeleportConfig:
   """Objective and solver settings of a teleporting ``method``."""
   if method == "sgd_teleport":
-    return common.teleport_config(tj.grad_norm_sq(), 10, max_step_size=0.1)
+    return common.teleport_config(tj.objectives.grad_norm_sq(), 10, max_step_size=0.1)
   if method == "sgd_teleport_lookahead":
-    return common.teleport_config(tj.optimizer_lookahead(LOOKAHEAD_STEPS), 10)
+    return common.teleport_config(tj.objectives.optimizer_lookahead(LOOKAHEAD_STEPS), 10)
   raise ValueError(f"Unknown method {method!r}.")
 
 

@@ -165,7 +165,7 @@ def teleport_config(
   """
   return tj.TeleportConfig(
     objective=objective,
-    solver=tj.Lie(
+    solver=tj.solvers.Lie(
       step_size=step_size,
       normalize=normalize,
       max_step_size=max_step_size,
@@ -183,10 +183,10 @@ def teleport_config(
 
 def describe_stability(stability) -> str:
   """A one-line description of a ``with_teleport(stability=...)`` argument."""
-  s = tj.Stability() if stability is True else stability
+  s = tj.objectives.Stability() if stability is True else stability
   if s is None or s is False:
     return "off"
-  if not isinstance(s, tj.Stability):
+  if not isinstance(s, tj.objectives.Stability):
     return str(s)
   bound = [] if s.threshold is None else [f"{s.threshold:g}"]
   if s.relative:
@@ -206,7 +206,7 @@ def describe_teleport(
     solver=(
       f"lie(step_size={lie.step_size:g}, normalize={lie.normalize}, "
       f"max_step_size={lie.max_step_size:g}, grow={lie.grow:g}, shrink={lie.shrink:g})"
-      if isinstance(lie, tj.Lie)
+      if isinstance(lie, tj.solvers.Lie)
       else type(lie).__name__
     ),
     rtol=(

@@ -2,8 +2,8 @@
 
 Both functions are radial in a change of variables ``z = phi(w)`` (Booth:
 ``z = M w - c``; Rosenbrock: ``z = (a - x, sqrt(b) (y - x^2))``), so rotating
-``z`` keeps the loss exactly (:func:`teleport_jax.booth_symmetry`,
-:func:`teleport_jax.rosenbrock_symmetry`). From a few fixed starting points we
+``z`` keeps the loss exactly (:func:`teleport_jax.problems.booth_symmetry`,
+:func:`teleport_jax.problems.rosenbrock_symmetry`). From a few fixed starting points we
 run plain gradient descent (GD) with a fixed step size and GD with teleports,
 and count the GD iterations until the loss is below a tolerance.
 
@@ -21,7 +21,7 @@ Protocol (float64, inside ``jax.enable_x64``):
   steep walls of the valley (large ``|x|``) where a fixed step of 1e-3
   overshoots; we measure this (and, in the full run, fewer inner steps as a
   cap) and then cap the teleport by minimising the loss after 5 GD steps of
-  the same step size instead (:func:`teleport_jax.lookahead_loss`).
+  the same step size instead (:func:`teleport_jax.objectives.lookahead_loss`).
 
 Each run (GD steps, teleports through ``lax.cond`` on the step) is one
 ``lax.scan`` under ``jax.jit``. Iterations count GD steps; a teleport costs
@@ -67,7 +67,7 @@ class Problem:
 
   name: str
   fn: Callable[[jax.Array], jax.Array]
-  symmetry: tj.Rotation
+  symmetry: tj.symmetries.Rotation
   lr: float
   tol: float
   max_steps: int
@@ -97,8 +97,8 @@ class Method:
 
 BOOTH = Problem(
   name="booth",
-  fn=tj.booth,
-  symmetry=tj.booth_symmetry(),
+  fn=tj.problems.booth,
+  symmetry=tj.problems.booth_symmetry(),
   lr=0.01,
   tol=1e-6,
   max_steps=2000,
@@ -110,8 +110,8 @@ BOOTH = Problem(
 
 ROSENBROCK = Problem(
   name="rosenbrock",
-  fn=tj.rosenbrock,
-  symmetry=tj.rosenbrock_symmetry(),
+  fn=tj.problems.rosenbrock,
+  symmetry=tj.problems.rosenbrock_symmetry(),
   lr=1e-3,
   tol=1e-6,
   max_steps=30000,
@@ -122,7 +122,7 @@ ROSENBROCK = Problem(
 )
 
 # Objectives are created once: a new Objective (new closure) would recompile.
-_LOOKAHEAD = tj.lookahead_loss(ROSENBROCK.lr, 5)
+_LOOKAHEAD = tj.objectives.lookahead_loss(ROSENBROCK.lr, 5)
 
 METHODS = {
   "booth": (
@@ -474,7 +474,7 @@ def _notes(runs: dict, summary: dict, sweep: dict, n_starts: int) -> list[str]:
     f"of the Hessian reaches {_fmt_sharp(mg['first_teleport_sharpness'])} (fixed-step GD is "
     f"locally unstable above 2; at the starts it is {_fmt_sharp(mg['start_sharpness'])}).",
     f"Rosenbrock, capped teleport (minimise the loss after 5 GD steps of lr {ROSENBROCK.lr:g}, "
-    f"tj.lookahead_loss, 20 inner steps): once {la['iters_to_tol']}, every {TELEPORT_EVERY} "
+    f"tj.objectives.lookahead_loss, 20 inner steps): once {la['iters_to_tol']}, every {TELEPORT_EVERY} "
     f"steps {lak['iters_to_tol']} iterations vs GD {r['gd']['iters_to_tol']}; no non-finite "
     f"run ({la['nonfinite_runs'] + lak['nonfinite_runs']}); lr * lambda_max after its first "
     f"teleport {_fmt_sharp(lak['first_teleport_sharpness'])}. Each teleport costs 20 inner steps, "

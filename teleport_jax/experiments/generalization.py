@@ -8,8 +8,8 @@ minibatch SGD with a constant learning rate).
 **1. Teleport, then keep training.** For every seed, SGD runs to
 ``teleport_epoch``; there the parameters are teleported with the exact,
 data-free :class:`teleport_jax.PositiveRescaling` (both hidden layers) to
-increase or decrease the sharpness (:func:`teleport_jax.sharpness`, absolute
-radius) or the orbit curvature (:func:`teleport_jax.orbit_curvature`), and
+increase or decrease the sharpness (:func:`teleport_jax.geometry.sharpness`, absolute
+radius) or the orbit curvature (:func:`teleport_jax.geometry.orbit_curvature`), and
 SGD continues from the teleported point with the *same* minibatch order as the
 run without teleport (``sgd``). The solver takes 10 safeguarded steps of at
 most 0.3 in the log-scales; with 20 steps the sharpness grew 200-fold or the
@@ -88,7 +88,7 @@ class Settings:
     learning_rate: SGD step size of the teleport study.
     seeds: seeds of the teleport study.
     measure_size: training examples used by the teleports and the measures.
-    radius: perturbation norm of :func:`teleport_jax.sharpness`.
+    radius: perturbation norm of :func:`teleport_jax.geometry.sharpness`.
     relative_radius: relative perturbation of the rescaling-invariant sharpness.
     num_samples: perturbation directions of the sharpness.
     num_directions: algebra directions of the orbit curvature.
@@ -155,20 +155,20 @@ def _batch_loss(params, data):
   return cls.loss_fn(params, data[0], data[1])
 
 
-def measure_objectives(s: Settings) -> dict[str, tj.Objective]:
+def measure_objectives(s: Settings) -> dict[str, tj.objectives.Objective]:
   """The three measures (all minimised objectives; only their values are used here)."""
   return {
-    "sharpness": tj.sharpness(s.radius, s.num_samples),
-    "relative_sharpness": tj.sharpness(s.relative_radius, s.num_samples, relative=True),
-    "curvature": tj.orbit_curvature(SYMMETRY, s.num_directions),
+    "sharpness": tj.geometry.sharpness(s.radius, s.num_samples),
+    "relative_sharpness": tj.geometry.sharpness(s.relative_radius, s.num_samples, relative=True),
+    "curvature": tj.geometry.orbit_curvature(SYMMETRY, s.num_directions),
   }
 
 
-def teleport_objectives(s: Settings) -> dict[str, tj.Objective]:
+def teleport_objectives(s: Settings) -> dict[str, tj.objectives.Objective]:
   """The objective of each kind in :data:`TELEPORTS` (its direction is set per teleport)."""
   return {
-    "sharpness": tj.sharpness(s.radius, s.num_samples),
-    "curvature": tj.orbit_curvature(SYMMETRY, s.num_directions),
+    "sharpness": tj.geometry.sharpness(s.radius, s.num_samples),
+    "curvature": tj.geometry.orbit_curvature(SYMMETRY, s.num_directions),
   }
 
 
@@ -179,7 +179,7 @@ class _Switch:
   compiled teleport serves every (objective, direction) pair, and
   ``lax.switch`` evaluates only the selected objective."""
 
-  objectives: tuple[tj.Objective, ...]
+  objectives: tuple[tj.objectives.Objective, ...]
 
   def __call__(self, loss_fn, params, data):
     x, y, index, sign = data
@@ -194,10 +194,10 @@ def teleport_config(s: Settings, objective) -> tj.TeleportConfig:
   )
 
 
-def switch_objective(s: Settings) -> tj.Objective:
+def switch_objective(s: Settings) -> tj.objectives.Objective:
   """One objective for every (kind, direction) of :data:`TELEPORTS` (see :class:`_Switch`)."""
   objectives = teleport_objectives(s)
-  return tj.Objective(_Switch(tuple(objectives.values())), True, "switch")
+  return tj.objectives.Objective(_Switch(tuple(objectives.values())), True, "switch")
 
 
 def make_teleport(s: Settings):

@@ -2,7 +2,7 @@
 
 For ``L(w) = 1/2 (w - c)^T H (w - c)`` with ``H`` symmetric positive definite,
 ``O(n)`` acts on each level set through ``z = H^{1/2} (w - c)``
-(:class:`teleport_jax.QuadraticRotation`), ``L = |z|^2 / 2`` and
+(:class:`teleport_jax.symmetries.QuadraticRotation`), ``L = |z|^2 / 2`` and
 ``|grad L|^2 = z^T H z``. On the level set ``L = L0`` the squared gradient norm
 is therefore at most ``2 L0 lambda_max``, reached where ``z`` (and so
 ``w - c`` and ``grad L = H (w - c)``) is a top eigenvector of ``H``. There
@@ -83,7 +83,7 @@ def teleport_config(num_steps: int = NUM_STEPS) -> tj.TeleportConfig:
   """The teleport's settings: max |grad|^2, float64 ``rtol``, and an ``improve_rtol``
   small enough that the ascent converges to the maximum (the claim is about it)."""
   return common.teleport_config(
-    tj.grad_norm_sq(),
+    tj.objectives.grad_norm_sq(),
     num_steps,
     rtol=functions2d.RTOL_FLOAT64,
     improve_rtol=functions2d.IMPROVE_RTOL_FLOAT64,
@@ -98,7 +98,7 @@ def teleport_max_grad_norm(h, c, w, num_steps: int = NUM_STEPS):
   """
   with jax.enable_x64(True):
     h, c, w = (jnp.asarray(a, jnp.float64) for a in (h, c, w))
-    sym = tj.QuadraticRotation(hessian=h, center=c)
+    sym = tj.symmetries.QuadraticRotation(hessian=h, center=c)
     new, info = tj.teleport(loss_fn, w, (h, c), symmetry=sym, config=teleport_config(num_steps))
     return np.asarray(new, np.float64), jax.tree_util.tree_map(np.asarray, info)
 

@@ -12,7 +12,7 @@ teleport, on two problems:
   :class:`teleport_jax.PositiveRescaling`, teleports at the first step of each of
   the first 3 epochs, 10 inner steps, as its ``sgd_teleport_lookahead``).
 
-Objective: ``with_teleport``'s default, :func:`teleport_jax.optimizer_lookahead`
+Objective: ``with_teleport``'s default, :func:`teleport_jax.objectives.optimizer_lookahead`
 (the loss after 5 steps of the wrapped optimizer, from the optimizer state the
 ``state_policy`` gives the candidate point). Each optimizer's teleport then
 looks for the point from which *that* optimizer, with its learning rate and
@@ -188,7 +188,9 @@ def _classification_trainer(opt, epochs: int, batch_size: int, steps: int):
 
 def teleport_config(problem: str) -> tj.TeleportConfig:
   """The teleport settings on ``problem`` (the same for every optimizer and policy)."""
-  return common.teleport_config(tj.optimizer_lookahead(LOOKAHEAD_STEPS), NUM_STEPS[problem])
+  return common.teleport_config(
+    tj.objectives.optimizer_lookahead(LOOKAHEAD_STEPS), NUM_STEPS[problem]
+  )
 
 
 def stability(problem: str) -> bool:

@@ -11,7 +11,7 @@ Objectives (each method's settings are in :data:`SPECS`, and ``protocol.methods`
 of the summary records them with the reason):
 
 * Our teleports use :func:`teleport_jax.with_teleport`'s default objective,
-  :func:`teleport_jax.optimizer_lookahead` (the loss after 5 steps of the
+  :func:`teleport_jax.objectives.optimizer_lookahead` (the loss after 5 steps of the
   wrapped optimizer from its current state): for GD the loss after 5 GD steps
   of lr 1e-4; for AdaGrad 5 AdaGrad steps of lr 0.1 with its accumulated
   state. Maximising the gradient norm instead (the paper's objective, 10+
@@ -24,7 +24,7 @@ of the summary records them with the reason):
 * Schedules that teleport more than once (``gd_teleport_repeated`` at epochs
   5, 25, 45 and ``gd_teleport_every20`` every 20 epochs from epoch 5) are
   stability-constrained, as ``with_teleport`` does by default for repeating
-  schedules (:class:`teleport_jax.Stability`: no inner step may raise the
+  schedules (:class:`teleport_jax.objectives.Stability`: no inner step may raise the
   optimizer's step sharpness ``lr * |lambda_max(H)|`` above
   ``max(2, 1.05 x its value before)``). Unconstrained, later teleports, taken
   when GD already runs near the edge of stability, can buy a slightly lower
@@ -35,7 +35,7 @@ of the summary records them with the reason):
   gradient norm does to GD with a fixed step size;
   ``gd_teleport_max_grad_norm_safe`` is the same with the stability constraint.
 * The ``*_published`` methods run the published first-order action
-  (:class:`teleport_jax.PublishedDataDependentGL`, ``I - T`` in place of
+  (:class:`teleport_jax.symmetries.PublishedDataDependentGL`, ``I - T`` in place of
   ``(I + T)^{-1}``) with the published hyper-parameters (8 plain steps of size
   1e-7 for GD, 2 of 1e-5 for AdaGrad, objective max |grad|^2) and no symmetry
   or loss check, so the per-teleport loss change it causes can be read next
@@ -60,7 +60,7 @@ from teleport_jax.experiments import common
 from teleport_jax.experiments import plotting
 
 DIMS = (4, 5, 6, 7, 8)  # samples, then layer widths: X 5x4, W1 6x5, ..., Y 8x4
-ACTIVATION = tj.leaky_relu(0.1)
+ACTIVATION = tj.activations.leaky_relu(0.1)
 GD_LR = 1e-4
 ADAGRAD_LR = 1e-1
 TELEPORT_EPOCH = 5
@@ -110,8 +110,8 @@ class Spec:
 
 
 def _specs() -> dict[str, Spec]:
-  lookahead = common.teleport_config(tj.optimizer_lookahead(LOOKAHEAD_STEPS), 30)
-  max_grad_norm = common.teleport_config(tj.grad_norm_sq(), 10)
+  lookahead = common.teleport_config(tj.objectives.optimizer_lookahead(LOOKAHEAD_STEPS), 30)
+  max_grad_norm = common.teleport_config(tj.objectives.grad_norm_sq(), 10)
   # the published first-order action is not loss-invariant: no symmetry check, no loss check
   # and fixed plain steps (grow = shrink = 1: the published step size does not adapt)
   published = dict(
@@ -141,14 +141,14 @@ def _specs() -> dict[str, Spec]:
     "gd_teleport_published": Spec(
       "gd",
       "once",
-      common.teleport_config(tj.grad_norm_sq(), 8, step_size=1e-7, **published),
+      common.teleport_config(tj.objectives.grad_norm_sq(), 8, step_size=1e-7, **published),
       published=True,
       why="the published code's action and hyper-parameters, for comparison",
     ),
     "adagrad_teleport_published": Spec(
       "adagrad",
       "once",
-      common.teleport_config(tj.grad_norm_sq(), 2, step_size=1e-5, **published),
+      common.teleport_config(tj.objectives.grad_norm_sq(), 2, step_size=1e-5, **published),
       published=True,
       why="the published code's action and hyper-parameters, for comparison",
     ),
@@ -196,7 +196,7 @@ def loss_fn(params, x, y):
 
 def symmetry(variant: str = "exact") -> tj.DataDependentGL:
   if variant == "published":
-    return tj.PublishedDataDependentGL(activation=ACTIVATION)
+    return tj.symmetries.PublishedDataDependentGL(activation=ACTIVATION)
   return tj.DataDependentGL(activation=ACTIVATION)
 
 
@@ -254,7 +254,9 @@ def describe_method(method: str) -> dict:
 @jax.jit
 def _step_sharpness(params, x, y):
   """GD's step sharpness ``GD_LR * |lambda_max(H)|`` at ``params`` (20 power iterations)."""
-  lam = tj.hessian_max_eigenvalue(lambda p, d: loss_fn(p, *d), params, (x, y), num_iterations=20)
+  lam = tj.geometry.hessian_max_eigenvalue(
+    lambda p, d: loss_fn(p, *d), params, (x, y), num_iterations=20
+  )
   return GD_LR * jnp.abs(lam)
 
 

@@ -45,9 +45,9 @@ Protocol:
   ``tp_gradbalance_50``: the same move through :func:`teleport_jax.with_teleport`
   (``Balance(target="grad", max_log_scale=1)``, one sweep, every move checked
   on the batch) every 50 steps from step 10; ``tp_lookahead``: the default
-  optimizer-aware objective (:func:`teleport_jax.optimizer_lookahead`, 5
+  optimizer-aware objective (:func:`teleport_jax.objectives.optimizer_lookahead`, 5
   AdamW steps from the transported state) maximised by
-  :class:`teleport_jax.LineSearch` (5 steps) every 250 steps from step 20,
+  :class:`teleport_jax.solvers.LineSearch` (5 steps) every 250 steps from step 20,
   with the default stability constraint; ``tp_lookahead_nostab``: the same
   without the stability constraint, whose sharpness estimates are two thirds
   of a look-ahead teleport's cost.
@@ -393,7 +393,7 @@ def lookahead_teleport(hp, lr, wl, **kwargs):
     lr,
     wl,
     schedule=tj.every(**SCHEDULES["tp_lookahead"]),
-    solver_backend=tj.LineSearch(),
+    solver_backend=tj.solvers.LineSearch(),
     num_steps=5,
     **kwargs,
   )
@@ -442,7 +442,7 @@ METHODS = {
         lr,
         wl,
         schedule=tj.every(**SCHEDULES["tp_gradbalance_50"]),
-        solver_backend=tj.Balance("grad", max_log_scale=1.0),
+        solver_backend=tj.solvers.Balance("grad", max_log_scale=1.0),
         num_steps=1,
         stability=False,
       ),
@@ -588,7 +588,7 @@ class Trainer:
       losses = []
       for _ in range(wl.eval_every // self._length):
         fn = self._chunk
-        if self._split and not tj.fires_within(schedule, count, self._length):
+        if self._split and not tj.schedules.fires_within(schedule, count, self._length):
           fn = self._plain_chunk
         params, state, key, tr = fn(params, state, key, hp, wl.train)
         losses.append(tr)
@@ -612,7 +612,7 @@ class Trainer:
       # tj.balanced evaluates no loss: check its action's exactness here, once, with a
       # norm-balancing move of the final parameters on the validation set
       moved = tj.group_action(
-        params, tj.Balance("norm").element(wl.symmetry, params), symmetry=wl.symmetry
+        params, tj.solvers.Balance("norm").element(wl.symmetry, params), symmetry=wl.symmetry
       )
       before, after = val[-1], float(self._eval(moved, wl.val))
       out.update(
@@ -859,7 +859,7 @@ def teleport_steps(method: str, steps: int) -> list[int]:
   if method not in SCHEDULES:
     return []
   schedule = tj.every(**SCHEDULES[method])
-  return [t for t in range(steps) if tj.fires_within(schedule, t, 1)]
+  return [t for t in range(steps) if tj.schedules.fires_within(schedule, t, 1)]
 
 
 @plotting.styled

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 STEPS = 12
 TELEPORT_AT = (3, 8)
-ACT = tj.leaky_relu(0.1)
+ACT = tj.activations.leaky_relu(0.1)
 
 
 class Run(NamedTuple):
@@ -154,7 +154,7 @@ def mlp_problem(batch: int = 16):
 def test_data_parallel_rescaling_teleports_match_one_device():
   params, batch = mlp_problem()
   opt = tj.with_teleport(
-    optax.adam(1e-2), tj.PositiveRescaling(activation=ACT), tj.at_steps(TELEPORT_AT)
+    optax.adam(1e-2), tj.PositiveRescaling(activation=ACT), tj.schedules.at_steps(TELEPORT_AT)
   )
   specs = jax.tree.map(lambda _: P(), params)
   runs = [
@@ -166,7 +166,7 @@ def test_data_parallel_rescaling_teleports_match_one_device():
 def test_fsdp_sharded_parameters_and_state_stay_sharded_through_teleports():
   params, batch = mlp_problem()
   opt = tj.with_teleport(
-    optax.adam(1e-2), tj.PositiveRescaling(activation=ACT), tj.at_steps(TELEPORT_AT)
+    optax.adam(1e-2), tj.PositiveRescaling(activation=ACT), tj.schedules.at_steps(TELEPORT_AT)
   )
   # every leaf split along its first axis (FSDP); the batch along the same axis
   specs = jax.tree.map(lambda _: P("fsdp"), params)
@@ -182,7 +182,7 @@ def test_fsdp_sharded_parameters_and_state_stay_sharded_through_teleports():
 def test_data_dependent_gl_with_the_batch_split_over_devices_matches_one_device():
   params, batch = mlp_problem()
   opt = tj.with_teleport(
-    optax.adam(1e-2), tj.DataDependentGL(activation=ACT), tj.at_steps(TELEPORT_AT)
+    optax.adam(1e-2), tj.DataDependentGL(activation=ACT), tj.schedules.at_steps(TELEPORT_AT)
   )
   specs = jax.tree.map(lambda _: P(), params)
   runs = [
@@ -202,7 +202,7 @@ def test_attention_heads_split_over_a_model_axis_teleport_like_one_device():
     return lm_loss(p, (x, y))
 
   symmetry = tj.product(tj.finders.attention_qk(params), tj.finders.attention_vo(params))
-  opt = tj.with_teleport(optax.adam(3e-3), symmetry, tj.at_steps(TELEPORT_AT))
+  opt = tj.with_teleport(optax.adam(3e-3), symmetry, tj.schedules.at_steps(TELEPORT_AT))
 
   def spec(path, leaf):
     name = jax.tree_util.keystr(path)

@@ -10,7 +10,7 @@ class TeleportError(ValueError):
 
   Raised eagerly for configuration errors: a group that is not a symmetry of
   the loss, :func:`teleport_jax.with_teleport` placed inside an
-  ``optax.chain`` next to other links, :func:`teleport_jax.optimizer_lookahead`
+  ``optax.chain`` next to other links, :func:`teleport_jax.objectives.optimizer_lookahead`
   without an optimizer. With ``throw=True``, :func:`teleport_jax.teleport`
   raises it for every rejected teleport. A subclass of ``ValueError``, so
   ``except ValueError`` catches it too.

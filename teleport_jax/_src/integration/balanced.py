@@ -56,7 +56,7 @@ def balanced(
 
   The cheap, frequent teleport: no search, no loss evaluation, ``O(parameters)``
   work per balancing (a per-channel sum of squares, or one ``eigh`` per GL
-  pair; :meth:`teleport_jax.Balance.element`), the optimizer state and the
+  pair; :meth:`teleport_jax.solvers.Balance.element`), the optimizer state and the
   gradient carried along exactly (:func:`teleport_jax.transport_state`,
   :func:`teleport_jax.transport_cotangent`).
 
@@ -80,13 +80,13 @@ def balanced(
   batch. A move that is not finite is refused (the state counts it) and the
   step is the optimizer's alone. For data-dependent groups, or to check every
   move against the loss, use :func:`teleport_jax.with_teleport` with
-  ``solver_backend=tj.Balance(...)``.
+  ``solver_backend=tj.solvers.Balance(...)``.
 
   Args:
     optimizer: the optax optimizer to wrap.
     symmetry: a data-free symmetry with rescaling or GL sites
       (:class:`~teleport_jax.PositiveRescaling`, :class:`~teleport_jax.LinearGL`,
-      a discovered symmetry, a :class:`~teleport_jax.Product` of sites).
+      a discovered symmetry, a :class:`~teleport_jax.symmetries.Product` of sites).
     target: ``"norm"`` or ``"grad"``.
     every: balance at steps ``0, every, 2 * every, ...``.
     power: fraction of the way to the balanced point, in ``(0, 1]``.
@@ -128,7 +128,7 @@ def balanced(
     raise ValueError(
       f"balanced moves the parameters without evaluating the loss, which is exact only for a "
       f"data-free symmetry; {type(symmetry).__name__} depends on the batch. Use "
-      "tj.with_teleport(optimizer, symmetry, schedule, solver_backend=tj.Balance(...)), which "
+      "tj.with_teleport(optimizer, symmetry, schedule, solver_backend=tj.solvers.Balance(...)), which "
       "checks every move on the batch."
     )
   if not isinstance(every, int) or isinstance(every, bool) or every < 1:

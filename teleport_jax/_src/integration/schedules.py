@@ -151,6 +151,6 @@ def as_schedule(schedule) -> Schedule:
     return at_steps(schedule)
   raise ValueError(
     f"schedule not understood: {schedule!r}. Use an int k (every k steps), a list "
-    "of step counts, teleport_jax.every(k), teleport_jax.at_steps([...]) or "
-    "teleport_jax.first(n)."
+    "of step counts, teleport_jax.every(k), teleport_jax.schedules.at_steps([...]) or "
+    "teleport_jax.schedules.first(n)."
   )

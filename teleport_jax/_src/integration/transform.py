@@ -259,12 +259,12 @@ def with_teleport(
   schedule in the state is then not read; the count still advances.
 
   **Safe defaults.** The default objective simulates the wrapped optimizer
-  (:func:`teleport_jax.optimizer_lookahead`, 5 steps from its state), so the
+  (:func:`teleport_jax.objectives.optimizer_lookahead`, 5 steps from its state), so the
   teleport knows the optimizer's step size, schedule and preconditioner. A
   schedule that teleports more than once is stability-constrained
   (``stability="auto"``): no kept inner step may make the optimizer's step
-  sharpness exceed ``max(2, its value before)`` (:class:`~teleport_jax.Stability`);
-  pass ``stability=False`` to opt out, or a :class:`~teleport_jax.Stability`.
+  sharpness exceed ``max(2, its value before)`` (:class:`~teleport_jax.objectives.Stability`);
+  pass ``stability=False`` to opt out, or a :class:`~teleport_jax.objectives.Stability`.
 
   **Place it outermost.** Inside an :func:`optax.chain` with other links it
   raises a ``ValueError`` (links before it would be bypassed at teleport steps,
@@ -295,12 +295,12 @@ def with_teleport(
     schedule: an int ``k`` (every ``k`` steps, from step 0), a list of step
       counts, or :func:`every`, :func:`at_steps`, :func:`first`.
     config: a :class:`~teleport_jax.TeleportConfig` (its objective ``"lookahead"``
-      means :func:`~teleport_jax.optimizer_lookahead` here).
+      means :func:`~teleport_jax.objectives.optimizer_lookahead` here).
     objective, solver_backend, num_steps, step_size, normalize, safeguard,
       max_step_size, rtol, check: shortcuts for the fields of ``config``
       (``solver_backend`` is its ``solver``).
     stability: ``"auto"`` (default: on for repeating schedules), ``True``,
-      ``False``/``None`` or a :class:`~teleport_jax.Stability`.
+      ``False``/``None`` or a :class:`~teleport_jax.objectives.Stability`.
     state_policy: ``"keep"``, ``"reset"`` or ``"transport"``.
     grad_rtol: how far the incoming updates may be from the loss gradient at a
       teleport step.
@@ -342,10 +342,10 @@ def with_teleport(
     >>> import jax, jax.numpy as jnp, optax, teleport_jax as tj
     >>> params = [jnp.full((6, 5), 0.5), jnp.full((3, 6), 0.5)]
     >>> x, y = jnp.linspace(0, 1, 20).reshape(5, 4), jnp.ones((3, 4))
-    >>> act = tj.leaky_relu(0.1)
+    >>> act = tj.activations.leaky_relu(0.1)
     >>> def loss(p, x, y): return 0.5 * jnp.sum((y - p[1] @ act(p[0] @ x)) ** 2)
     >>> opt = tj.with_teleport(optax.sgd(1e-2), tj.DataDependentGL(activation=act),
-    ...                        schedule=tj.at_steps([0]))
+    ...                        schedule=tj.schedules.at_steps([0]))
     >>> state = opt.init(params)
     >>> g = jax.grad(loss)(params, x, y)
     >>> u, state = opt.update(g, state, params, value_fn=loss, x=x, y=y)
@@ -563,7 +563,7 @@ class _Step:
     loss_fn: ``value_fn`` as ``loss_fn(params, data)``.
     sym: the symmetry, bound to the loss and the batch.
     state_at: the optimizer state at a candidate point under the state policy.
-    context: the objective's :class:`~teleport_jax.ObjectiveContext`.
+    context: the objective's :class:`~teleport_jax.objectives.ObjectiveContext`.
     up: ``params`` upcast to the compute dtype.
   """
 

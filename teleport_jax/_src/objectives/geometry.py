@@ -9,7 +9,7 @@ them:
 * **orbit curvature**, the curvature of the curves ``t -> exp(t M) . w``
   traced by the group through ``w`` (:func:`orbit_curvature`).
 
-Both are :class:`~teleport_jax.Objective` s for :func:`teleport_jax.teleport`
+Both are :class:`~teleport_jax.objectives.Objective` s for :func:`teleport_jax.teleport`
 and can also be evaluated on their own (``objective.fn(loss_fn, params, data)``
 returns ``(value, loss)``). Their random directions are drawn from a fixed key,
 so an objective is a deterministic function of ``params`` that the solver can
@@ -141,7 +141,7 @@ def sharpness(
     relative: scale each weight's perturbation by its magnitude.
 
   Returns:
-    An :class:`~teleport_jax.Objective` whose ``fn(loss_fn, params, data)``
+    An :class:`~teleport_jax.objectives.Objective` whose ``fn(loss_fn, params, data)``
     returns ``(S(params), L(params))``.
 
   Raises:
@@ -151,7 +151,7 @@ def sharpness(
   Examples:
     >>> import jax.numpy as jnp, teleport_jax as tj
     >>> loss = lambda w: 0.5 * jnp.sum(jnp.asarray([1.0, 3.0]) * w**2)
-    >>> s = tj.sharpness(0.1, num_samples=4)
+    >>> s = tj.geometry.sharpness(0.1, num_samples=4)
     >>> value, l = s.fn(loss, jnp.asarray([1.0, 1.0]), None)
     >>> bool(0.005 * 1.0 <= value <= 0.005 * 3.0)  # r^2/2 * u^T H u
     True
@@ -357,7 +357,7 @@ def orbit_curvature(
     use_retract: differentiate ``symmetry.retract`` (default) or ``symmetry.exp``.
 
   Returns:
-    An :class:`~teleport_jax.Objective` whose ``fn(loss_fn, params, data)``
+    An :class:`~teleport_jax.objectives.Objective` whose ``fn(loss_fn, params, data)``
     returns ``(kappa(params), L(params))``.
 
   Raises:
@@ -367,9 +367,9 @@ def orbit_curvature(
 
   Examples:
     >>> import jax.numpy as jnp, teleport_jax as tj
-    >>> sym = tj.QuadraticRotation(hessian=jnp.eye(2), center=jnp.zeros(2))
+    >>> sym = tj.symmetries.QuadraticRotation(hessian=jnp.eye(2), center=jnp.zeros(2))
     >>> loss = lambda w: 0.5 * jnp.sum(w**2)
-    >>> kappa, _ = tj.orbit_curvature(sym).fn(loss, jnp.asarray([3.0, 4.0]), None)
+    >>> kappa, _ = tj.geometry.orbit_curvature(sym).fn(loss, jnp.asarray([3.0, 4.0]), None)
     >>> round(float(kappa), 4)  # a circle of radius 5
     0.2
   """

@@ -350,13 +350,13 @@ def as_objective(objective: Objective | str | Callable) -> Objective:
     if objective not in _NAMED:
       raise ValueError(
         f"Unknown objective {objective!r}; expected one of {sorted(_NAMED)}, a "
-        "teleport_jax.Objective or a callable."
+        "teleport_jax.objectives.Objective or a callable."
       )
     return _NAMED[objective]()
   if callable(objective):
     return Objective(objective, True, getattr(objective, "__name__", "custom"))
   raise TypeError(
-    f"objective must be a name, a teleport_jax.Objective or a callable, got "
+    f"objective must be a name, a teleport_jax.objectives.Objective or a callable, got "
     f"{type(objective).__name__}."
   )
 
@@ -393,7 +393,7 @@ def hessian_max_eigenvalue(
   Examples:
     >>> import jax.numpy as jnp, teleport_jax as tj
     >>> loss = lambda w: 0.5 * (3.0 * w[0] ** 2 + w[1] ** 2)
-    >>> float(tj.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=50))
+    >>> float(tj.geometry.hessian_max_eigenvalue(loss, jnp.ones(2), num_iterations=50))
     3.0
   """
   num_iterations = check_count(num_iterations, "num_iterations")
@@ -496,7 +496,7 @@ def stability_constrained(
 
   Examples:
     >>> import teleport_jax as tj
-    >>> obj = tj.stability_constrained(tj.lookahead_loss(1e-4, 5), 1e-4)
+    >>> obj = tj.objectives.stability_constrained(tj.objectives.lookahead_loss(1e-4, 5), 1e-4)
     >>> obj.maximize, obj.name
     (False, 'stability_constrained(lookahead_loss(lr=0.0001, steps=5), lr*|lambda|<=2)')
   """

@@ -166,5 +166,5 @@ def as_stability(stability, *, learning_rate=None) -> Stability | None:
   if isinstance(stability, Stability):
     return stability
   raise TypeError(
-    f"stability must be None, a bool or a teleport_jax.Stability, got {type(stability).__name__}."
+    f"stability must be None, a bool or a teleport_jax.objectives.Stability, got {type(stability).__name__}."
   )

@@ -26,9 +26,9 @@ hyper-parameters, with
 
 ``"lie"`` (:class:`Lie`) is gradient ascent on the group's Lie algebra. Two
 back-ends need no group (``needs_symmetry = False``, ``symmetry=None``):
-``"nullspace"`` (:class:`~teleport_jax.NullSpace`, the objective's gradient
+``"nullspace"`` (:class:`~teleport_jax.solvers.NullSpace`, the objective's gradient
 projected onto the null space of each layer's input batch) and ``"levelset"``
-(:class:`~teleport_jax.LevelSet`, tangent steps on the loss level set with
+(:class:`~teleport_jax.solvers.LevelSet`, tangent steps on the loss level set with
 Newton corrections back onto it).
 """
 

@@ -24,7 +24,7 @@ frequent. The back-ends here cost about one gradient evaluation or less:
 
 Balancing acts on the :class:`~teleport_jax.groups.Scaling` and
 :class:`~teleport_jax.groups.GL` parts of a symmetry (the MLP groups,
-:class:`~teleport_jax.Product`, discovered symmetries); other parts stay at the
+:class:`~teleport_jax.symmetries.Product`, discovered symmetries); other parts stay at the
 identity. Each back-end reports its work in ``stats["cost_grad_evals"]``
 (gradient-evaluation equivalents of its own proposals; the driver's checks
 come on top).

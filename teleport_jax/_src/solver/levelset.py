@@ -69,7 +69,7 @@ class LevelSet(backends.Solver):
   size by ``grow`` up to ``max_step_size``; a refused one multiplies it by
   ``shrink``. Works for any differentiable loss and any objective of the
   library; the loss is kept on the teleport batch only (measure other data
-  with :func:`teleport_jax.held_out_drift`).
+  with :func:`teleport_jax.solvers.held_out_drift`).
 
   Statistics (``TeleportInfo.stats``): ``final_step_size`` and
   ``grad_evals_per_step`` (:meth:`cost_per_step`).

@@ -476,7 +476,7 @@ class NullSpace(backends.Solver):
   :mod:`teleport_jax._src.solver.nullspace` and :meth:`report` for which layers move).
 
   The loss is unchanged on the teleport batch only; measure the change on
-  other data with :func:`teleport_jax.held_out_drift`.
+  other data with :func:`teleport_jax.solvers.held_out_drift`.
 
   Statistics (``TeleportInfo.stats``): ``final_step_size``,
   ``movable_fraction`` (parameters in movable leaves / all),
@@ -714,7 +714,7 @@ def nullspace_report(
     >>> import jax.numpy as jnp, teleport_jax as tj
     >>> params = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3)}
     >>> loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
-    >>> [(r.path, r.null_dim, r.moves) for r in tj.nullspace_report(loss, params, jnp.ones((2, 5)))]
+    >>> [(r.path, r.null_dim, r.moves) for r in tj.solvers.nullspace_report(loss, params, jnp.ones((2, 5)))]
     [('b', 0, False), ('w', 4, True)]
   """
   plan = _plan(loss_fn, params, data)
@@ -768,7 +768,7 @@ def held_out_drift(
   Examples:
     >>> import jax.numpy as jnp, teleport_jax as tj
     >>> loss = lambda w, x: jnp.sum((x @ w) ** 2)
-    >>> float(tj.held_out_drift(loss, jnp.ones(2), jnp.array([1.0, 2.0]), jnp.eye(2)))
+    >>> float(tj.solvers.held_out_drift(loss, jnp.ones(2), jnp.array([1.0, 2.0]), jnp.eye(2)))
     1.5
   """
   before = obj_lib.call_loss(loss_fn, params, data)

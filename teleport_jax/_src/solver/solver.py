@@ -284,7 +284,7 @@ class TeleportConfig:
     objective: what to optimise on the orbit: ``"lookahead"`` (default: the
       loss after 5 gradient steps; inside :func:`teleport_jax.with_teleport`
       the loss after 5 steps of the wrapped optimizer), ``"max_grad_norm"``,
-      ``"min_grad_norm"``, an :class:`~teleport_jax.Objective` or a callable.
+      ``"min_grad_norm"``, an :class:`~teleport_jax.objectives.Objective` or a callable.
     solver: the back-end that proposes steps: ``"lie"`` (default,
       :class:`~teleport_jax.solvers.Lie`) or a back-end object.
     num_steps: inner steps (static: a different value recompiles).
@@ -293,8 +293,8 @@ class TeleportConfig:
     safeguard: keep only finite, improving steps within ``rtol`` (default).
     check: run the symmetry check before teleporting (default).
     stability: ``"auto"`` (default), ``None``/``False`` (off), ``True`` or a
-      :class:`~teleport_jax.Stability`: a bound on the optimizer's step
-      sharpness at every kept step. ``"auto"``: :class:`~teleport_jax.Stability`
+      :class:`~teleport_jax.objectives.Stability`: a bound on the optimizer's step
+      sharpness at every kept step. ``"auto"``: :class:`~teleport_jax.objectives.Stability`
       ``()`` when the teleport knows the optimizer that follows
       (:func:`teleport_jax.teleport`'s ``optimizer=``/``learning_rate=``): its
       step sharpness may not exceed ``max(2, its value before)``; off otherwise,
@@ -818,7 +818,7 @@ def teleport(
   **Tell it what runs next.** With ``optimizer=`` and ``opt_state=`` (any
   optax optimizer and its state at ``params``), or ``learning_rate=`` for plain
   gradient descent, the default objective is the loss after 5 steps of *that*
-  optimizer (:func:`teleport_jax.optimizer_lookahead`) and the stability bound
+  optimizer (:func:`teleport_jax.objectives.optimizer_lookahead`) and the stability bound
   (on by default) keeps its step sharpness at most ``max(2, its value
   before)``, at every call: repeated teleports in a training loop then cannot
   push a fixed-step optimizer past its stability limit;
@@ -844,7 +844,7 @@ def teleport(
       teleported in float32 and cast back).
     data: the batch passed to ``loss_fn`` (and to data-dependent symmetries).
     symmetry: the group, e.g. :class:`teleport_jax.PositiveRescaling`, a
-      :class:`teleport_jax.Product` or the result of
+      :class:`teleport_jax.symmetries.Product` or the result of
       :func:`teleport_jax.find_symmetries`. For the MLP groups without an
       explicit layout the layer order is read from how ``loss_fn`` calls the
       model.
@@ -875,7 +875,7 @@ def teleport(
     >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     >>> params = [jax.random.uniform(k1, (6, 5)), jax.random.uniform(k2, (3, 6))]
     >>> x, y = jax.random.uniform(k3, (5, 4)), jnp.ones((3, 4))
-    >>> act = tj.leaky_relu(0.1)
+    >>> act = tj.activations.leaky_relu(0.1)
     >>> loss = lambda p, d: 0.5 * jnp.sum((d[1] - p[1] @ act(p[0] @ d[0])) ** 2)
     >>> sym = tj.DataDependentGL(activation=act)
     >>> new, info = tj.teleport(loss, params, (x, y), symmetry=sym, objective="max_grad_norm")

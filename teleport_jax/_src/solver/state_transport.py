@@ -21,8 +21,8 @@ already brings the relative error from 0.3-0.6 to rounding, 1e-13 in float64.)
 Second moments (Adam/RMSProp ``nu``, AdaGrad ``sum_of_squares``) are running
 sums of *elementwise squares* of gradients. Where the transport is elementwise
 (``c' = r * c``: :class:`~teleport_jax.PositiveRescaling`, and the diagonal
-parts of a :class:`~teleport_jax.Product`, as reported by
-:meth:`~teleport_jax.Symmetry.cotangent_scale`) they move exactly by
+parts of a :class:`~teleport_jax.symmetries.Product`, as reported by
+:meth:`~teleport_jax.symmetries.Symmetry.cotangent_scale`) they move exactly by
 ``r ** 2``. Where a group mixes coordinates (GL, rotations) the square of a
 mixed vector is not a function of the elementwise squares, so no exact
 transport exists; second moments of those leaves are kept unchanged.

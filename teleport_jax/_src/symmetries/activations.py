@@ -75,7 +75,7 @@ def leaky_relu(negative_slope: float = 0.01) -> Activation:
 
   Examples:
     >>> import teleport_jax as tj
-    >>> tj.leaky_relu(0.1) == tj.leaky_relu(0.1)  # equal settings, equal activations
+    >>> tj.activations.leaky_relu(0.1) == tj.activations.leaky_relu(0.1)  # equal settings, equal activations
     True
   """
   if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
@@ -139,21 +139,21 @@ def as_activation(activation: Activation | str, *, argname: str = "activation") 
   factory = next((name for name, f in _FACTORIES.items() if activation is f), None)
   if factory is not None:
     call = {
-      "relu": "tj.relu() (or tj.leaky_relu(0.1))",
-      "leaky_relu": "tj.leaky_relu(0.1) (any slope in (0, 1]; tj.leaky_relu() is 0.01)",
-    }.get(factory, f"tj.{factory}() (or the name {factory!r})")
+      "relu": "tj.activations.relu() (or tj.activations.leaky_relu(0.1))",
+      "leaky_relu": "tj.activations.leaky_relu(0.1) (any slope in (0, 1]; tj.activations.leaky_relu() is 0.01)",
+    }.get(factory, f"tj.activations.{factory}() (or the name {factory!r})")
     raise TypeError(
-      f"{argname} must be a teleport_jax.Activation; tj.{factory} is a factory: pass {call}."
+      f"{argname} must be a teleport_jax.activations.Activation; tj.activations.{factory} is a factory: pass {call}."
     )
   if isinstance(activation, str):
     if activation not in _NAMED:
       raise ValueError(
         f"Unknown {argname} {activation!r}; expected one of {sorted(_NAMED)} "
-        "or a teleport_jax.Activation."
+        "or a teleport_jax.activations.Activation."
       )
     return _NAMED[activation]()
   raise TypeError(
-    f"{argname} must be a string or a teleport_jax.Activation, got "
+    f"{argname} must be a string or a teleport_jax.activations.Activation, got "
     f"{type(activation).__name__}. Wrap a plain function as "
-    "teleport_jax.Activation(name, fn, inverse)."
+    "teleport_jax.activations.Activation(name, fn, inverse)."
   )

@@ -311,7 +311,7 @@ def _likely_causes(symmetry) -> str:
   kind = type(symmetry).__name__
   common = (
     "a normalisation (LayerNorm, BatchNorm) or a residual connection lies between the layers; "
-    "the layers are not in call order (give an explicit teleport_jax.MLPLayout, or use "
+    "the layers are not in call order (give an explicit teleport_jax.symmetries.MLPLayout, or use "
     "teleport_jax.find_symmetries on the model)"
   )
   if kind == "PositiveRescaling":

@@ -2,8 +2,8 @@ r"""Finders: symmetries of a model's parameter pytree, found from leaf paths.
 
 A finder reads the *paths and shapes* of a parameter pytree (flax linen
 variables or an nnx state; never the model's code) and returns the exact
-symmetries of one kind as a :class:`~teleport_jax.Product` of
-:class:`~teleport_jax.SiteSymmetry`, one part per :class:`~teleport_jax.Site`,
+symmetries of one kind as a :class:`~teleport_jax.symmetries.Product` of
+:class:`~teleport_jax.symmetries.SiteSymmetry`, one part per :class:`~teleport_jax.symmetries.Site`,
 each with the group that is exact there (``Scaling`` across ReLU, ``GL`` per
 head for attention, ``RotaryGL`` with rotary positions, ``Orthogonal`` for
 the residual stream of a gain-free RMSNorm network). Products of different
@@ -322,7 +322,7 @@ def _between_for(activation: Any) -> str:
       return "homogeneous"
     return "other"
   raise TypeError(
-    f"activation must be a name ('relu', 'gelu', ...), a teleport_jax.Activation or None, "
+    f"activation must be a name ('relu', 'gelu', ...), a teleport_jax.activations.Activation or None, "
     f"got {activation!r}."
   )
 
@@ -352,7 +352,7 @@ def _nothing(finder: str, what: str) -> ValueError:
 
 
 def sites(symmetry: sym_lib.Symmetry) -> tuple[sites_lib.Site, ...]:
-  """The sites of a :class:`~teleport_jax.SiteSymmetry` or of a product of them."""
+  """The sites of a :class:`~teleport_jax.symmetries.SiteSymmetry` or of a product of them."""
   if isinstance(symmetry, sites_lib.SiteSymmetry):
     return (symmetry.site,)
   if isinstance(symmetry, sites_lib.Product):
@@ -361,7 +361,7 @@ def sites(symmetry: sym_lib.Symmetry) -> tuple[sites_lib.Site, ...]:
 
 
 def dimension(symmetry: sym_lib.Symmetry) -> int:
-  """The dimension of a :class:`~teleport_jax.SiteSymmetry` or of a product of them."""
+  """The dimension of a :class:`~teleport_jax.symmetries.SiteSymmetry` or of a product of them."""
   if isinstance(symmetry, sites_lib.SiteSymmetry):
     return symmetry.dimension()
   if isinstance(symmetry, sites_lib.Product):
@@ -415,7 +415,7 @@ def mlp_chain(
       activation, ``GL`` across none).
 
   Returns:
-    A :class:`~teleport_jax.Product` with one part per hidden layer.
+    A :class:`~teleport_jax.symmetries.Product` with one part per hidden layer.
 
   Raises:
     ValueError: fewer than two kernels, shapes that do not chain, or an
@@ -480,7 +480,7 @@ def conv_chain(
     group: override the group.
 
   Returns:
-    A :class:`~teleport_jax.Product`, one part per convolution that has a reader.
+    A :class:`~teleport_jax.symmetries.Product`, one part per convolution that has a reader.
   """
   index = paths_lib.LeafIndex(params)
   kpred, dpred, npred = as_predicate(kernels), as_predicate(dense), as_predicate(norms)
@@ -586,7 +586,7 @@ def batchnorm_scale(
     mode: ``"train"`` or ``"eval"``.
 
   Returns:
-    A :class:`~teleport_jax.Product` of ``Scaling`` parts, one per norm.
+    A :class:`~teleport_jax.symmetries.Product` of ``Scaling`` parts, one per norm.
   """
   if mode not in ("train", "eval"):
     raise ValueError(f"batchnorm_scale: mode must be 'train' or 'eval', got {mode!r}.")
@@ -659,7 +659,7 @@ def attention_qk(
       otherwise.
 
   Returns:
-    A :class:`~teleport_jax.Product` with one part per attention layer;
+    A :class:`~teleport_jax.symmetries.Product` with one part per attention layer;
     dimension ``kv_heads * d_head^2`` per layer (``kv_heads * d_head`` with
     rotary).
   """
@@ -720,7 +720,7 @@ def attention_vo(
     where: restricts the value kernels considered.
 
   Returns:
-    A :class:`~teleport_jax.Product` of ``GL(d_head)`` per head and layer;
+    A :class:`~teleport_jax.symmetries.Product` of ``GL(d_head)`` per head and layer;
     dimension ``kv_heads * d_head^2`` per layer.
   """
   index = paths_lib.LeafIndex(params)
@@ -771,7 +771,7 @@ def norm_into_dense(
       by ``unembed``.
 
   Returns:
-    A :class:`~teleport_jax.Product` of ``Scaling`` parts, one per norm.
+    A :class:`~teleport_jax.symmetries.Product` of ``Scaling`` parts, one per norm.
   """
   index = paths_lib.LeafIndex(params)
   found = []
@@ -840,7 +840,7 @@ def residual_stream(
     group: override the group (default ``Orthogonal`` / ``GL``).
 
   Returns:
-    A :class:`~teleport_jax.Product` with one part, over ``d_model``.
+    A :class:`~teleport_jax.symmetries.Product` with one part, over ``d_model``.
   """
   if between not in ("rms_norm", "linear"):
     raise ValueError(f"residual_stream: between must be 'rms_norm' or 'linear', got {between!r}.")
@@ -898,7 +898,7 @@ def feed_forward(
     where: restricts the ``up`` kernels considered.
 
   Returns:
-    A :class:`~teleport_jax.Product`, one part per block.
+    A :class:`~teleport_jax.symmetries.Product`, one part per block.
   """
   index = paths_lib.LeafIndex(params)
   pred = as_predicate(where)
@@ -948,7 +948,7 @@ def reglu(
     where: restricts the ``up`` kernels considered.
 
   Returns:
-    A :class:`~teleport_jax.Product` of ``Scaling`` parts, one per block.
+    A :class:`~teleport_jax.symmetries.Product` of ``Scaling`` parts, one per block.
   """
   if branch not in ("value", "gate"):
     raise ValueError(f"reglu: branch must be 'value' or 'gate', got {branch!r}.")
@@ -991,7 +991,7 @@ def lora(
     where: restricts the ``a`` leaves considered.
 
   Returns:
-    A :class:`~teleport_jax.Product` of ``GL(r)`` parts, one per layer.
+    A :class:`~teleport_jax.symmetries.Product` of ``GL(r)`` parts, one per layer.
   """
   index = paths_lib.LeafIndex(params)
   pred = as_predicate(where)

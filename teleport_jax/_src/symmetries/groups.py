@@ -1,6 +1,6 @@
 r"""What a group does on one channel axis: rescaling, GL, rotations.
 
-A :class:`~teleport_jax.Site` says *where* a group acts (which leaves, which
+A :class:`~teleport_jax.symmetries.Site` says *where* a group acts (which leaves, which
 axis, which heads); a :class:`Group` here says *what* it does there. Every
 group acts on a channel axis of size ``d`` (one element per head when the site
 has heads) through a matrix ``M``:

@@ -242,7 +242,7 @@ def infer_layout(
     raise ValueError(
       "Could not find the dense layers of an MLP in params: expected a list of "
       "weight matrices or leaves named 'kernel'/'bias' (flax). Pass an explicit "
-      "teleport_jax.MLPLayout."
+      "teleport_jax.symmetries.MLPLayout."
     )
   if call is not None:
     order = _order_from_call(params, list(kernels), call)
@@ -257,8 +257,8 @@ def infer_layout(
       "call order (flax's automatic names Dense_0, Dense_1, ... are). Give the order: "
       "teleport with a loss function (teleport_jax.teleport and with_teleport read the "
       "order from how the loss calls the model), build the layout from a call with "
-      "teleport_jax.infer_layout(params, call=(apply_fn, (params, x))), or pass "
-      "teleport_jax.MLPLayout(kernel_paths=..., bias_paths=...) listing the kernels in "
+      "teleport_jax.symmetries.infer_layout(params, call=(apply_fn, (params, x))), or pass "
+      "teleport_jax.symmetries.MLPLayout(kernel_paths=..., bias_paths=...) listing the kernels in "
       "call order."
     )
   layout = MLPLayout(tuple(order), tuple(kernels[k] for k in order), kernel_format or "in_out")
@@ -336,7 +336,7 @@ def _order_from_call(params, kernel_paths: list[KeyPath], call) -> list[KeyPath]
   if unused:
     raise ValueError(
       f"params: the kernels {', '.join(unused)} are not used by the model call, so they "
-      "are not part of an MLP chain; pass an explicit teleport_jax.MLPLayout."
+      "are not part of an MLP chain; pass an explicit teleport_jax.symmetries.MLPLayout."
     )
   return [p for _, p in sorted(zip(first, kernel_paths), key=lambda t: t[0])]
 
@@ -370,7 +370,9 @@ def as_layout(layout: MLPLayout | None, params: chex.ArrayTree) -> MLPLayout:
   if layout is None:
     return infer_layout(params)
   if not isinstance(layout, MLPLayout):
-    raise TypeError(f"layout must be a teleport_jax.MLPLayout, got {type(layout).__name__}.")
+    raise TypeError(
+      f"layout must be a teleport_jax.symmetries.MLPLayout, got {type(layout).__name__}."
+    )
   return layout
 
 

@@ -25,7 +25,7 @@ class LinearGL(mlp.MLPGroupMixin, symmetry.Symmetry):
   function for every input (features ``h -> h A``; for ``W @ x`` matrices
   ``W_m <- A^T W_m`` and ``W_{m+1} <- W_{m+1} A^{-T}``).
 
-  It is the product of one :class:`~teleport_jax.SiteSymmetry` with group
+  It is the product of one :class:`~teleport_jax.symmetries.SiteSymmetry` with group
   :class:`~teleport_jax.groups.GL` per hidden layer (see :meth:`as_product`).
   Group element: a tuple with one ``(d_m, d_m)`` invertible matrix per hidden
   layer. Lie algebra: matrices of the same shapes; ``exp`` is the matrix
@@ -42,7 +42,7 @@ class LinearGL(mlp.MLPGroupMixin, symmetry.Symmetry):
   needs_data = False
 
   def as_product(self, params: chex.ArrayTree) -> sites_lib.Product:
-    """The same group as a :class:`~teleport_jax.Product` of per-layer site symmetries."""
+    """The same group as a :class:`~teleport_jax.symmetries.Product` of per-layer site symmetries."""
     sites = mlp.mlp_sites(self._layout(params), params, "linear")
     return sites_lib.Product(tuple(sites_lib.SiteSymmetry(s, groups.GL()) for s in sites))
 

@@ -1,10 +1,10 @@
 """The sites of an MLP chain, and what the MLP groups share.
 
 :class:`~teleport_jax.PositiveRescaling` and :class:`~teleport_jax.LinearGL`
-are products of one :class:`~teleport_jax.SiteSymmetry` per hidden layer:
+are products of one :class:`~teleport_jax.symmetries.SiteSymmetry` per hidden layer:
 the hidden layer's kernel columns and bias are its writers, the next kernel's
 rows its readers. Their element is a tuple with one entry per hidden layer.
-The layers are found by :func:`teleport_jax.infer_layout` (in call order, read
+The layers are found by :func:`teleport_jax.symmetries.infer_layout` (in call order, read
 from the loss when the teleport has one) unless a layout is given.
 """
 

@@ -26,7 +26,7 @@ class PositiveRescaling(mlp.MLPGroupMixin, symmetry.Symmetry):
   unchanged for every input. This holds without data, so the teleported point
   stays on the level set of the loss on *any* batch.
 
-  It is the product of one :class:`~teleport_jax.SiteSymmetry` with group
+  It is the product of one :class:`~teleport_jax.symmetries.SiteSymmetry` with group
   :class:`~teleport_jax.groups.Scaling` per hidden layer (see
   :meth:`as_product`). Group element: a tuple with one positive vector of shape
   ``(d_m,)`` per hidden layer. Lie algebra: log-scales of the same shapes;
@@ -35,7 +35,7 @@ class PositiveRescaling(mlp.MLPGroupMixin, symmetry.Symmetry):
   Attributes:
     layout: where the layers are in ``params``, in call order (inferred if
       ``None``: from the loss the teleport is given, see
-      :func:`teleport_jax.infer_layout`).
+      :func:`teleport_jax.symmetries.infer_layout`).
     activation: optional; if given, it must be positively homogeneous.
   """
 
@@ -55,7 +55,7 @@ class PositiveRescaling(mlp.MLPGroupMixin, symmetry.Symmetry):
         )
 
   def as_product(self, params: chex.ArrayTree) -> sites_lib.Product:
-    """The same group as a :class:`~teleport_jax.Product` of per-layer site symmetries."""
+    """The same group as a :class:`~teleport_jax.symmetries.Product` of per-layer site symmetries."""
     sites = mlp.mlp_sites(self._layout(params), params, "homogeneous")
     return sites_lib.Product(tuple(sites_lib.SiteSymmetry(s, groups.Scaling()) for s in sites))
 

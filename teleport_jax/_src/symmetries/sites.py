@@ -11,13 +11,13 @@ disjoint sites is itself a symmetry (its elements are tuples over the parts).
 
 Sites can be written by hand::
 
-  site = tj.Site(
+  site = tj.symmetries.Site(
       name="hidden0",
-      slots=(tj.Slot("params/Dense_0/kernel", axis=1, role="out"),
-             tj.Slot("params/Dense_0/bias", axis=0, role="out"),
-             tj.Slot("params/Dense_1/kernel", axis=0, role="in")),
+      slots=(tj.symmetries.Slot("params/Dense_0/kernel", axis=1, role="out"),
+             tj.symmetries.Slot("params/Dense_0/bias", axis=0, role="out"),
+             tj.symmetries.Slot("params/Dense_1/kernel", axis=0, role="in")),
       dim=64, between="homogeneous")
-  sym = tj.SiteSymmetry(site, "scaling")
+  sym = tj.symmetries.SiteSymmetry(site, "scaling")
 
 or found by the finders in :mod:`teleport_jax.finders` and by
 :func:`teleport_jax.find_symmetries`.
@@ -150,7 +150,7 @@ class Site:
     for s in self.slots:
       if not isinstance(s, Slot):
         raise TypeError(
-          f"site {self.name!r}: slots must be teleport_jax.Slot, got {type(s).__name__}."
+          f"site {self.name!r}: slots must be teleport_jax.symmetries.Slot, got {type(s).__name__}."
         )
       if (s.head_axis is None) != (self.heads is None):
         raise ValueError(
@@ -239,7 +239,9 @@ class SiteSymmetry(sym_lib.Symmetry):
   def __post_init__(self):
     object.__setattr__(self, "group", groups_lib.as_group(self.group))
     if not isinstance(self.site, Site):
-      raise TypeError(f"site must be a teleport_jax.Site, got {type(self.site).__name__}.")
+      raise TypeError(
+        f"site must be a teleport_jax.symmetries.Site, got {type(self.site).__name__}."
+      )
     allowed = ALLOWED[self.site.between]
     if self.check_between and not isinstance(self.group, allowed):
       ok = ", ".join(sorted({a.__name__ for a in allowed})) or "none"
