@@ -13,6 +13,7 @@ from teleport_jax._src.solver.levelset import LevelSet
 from teleport_jax._src.solver.nullspace import NullSpace
 from teleport_jax._src.solver.nullspace import held_out_drift
 from teleport_jax._src.solver.nullspace import nullspace_report
+from teleport_jax._src.solver.onestep import OneStep
 
 __all__ = (
   "Balance",
@@ -20,6 +21,7 @@ __all__ = (
   "Lie",
   "LineSearch",
   "NullSpace",
+  "OneStep",
   "Solver",
   "held_out_drift",
   "nullspace_report",

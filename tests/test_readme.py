@@ -75,8 +75,13 @@ from teleport_jax.experiments import regression
 params, x, y = regression.make_problem(0)
 state = opt.init(params)
 for _ in range(6):  # the schedule teleports at step 5
-  params, state, l = step(params, state, x, y)
+  params, state, l = step(params, state, x, y, teleport=tj.teleport_due(state))
 assert int(state.num_teleports) == 1, tj.status_message(state.info)
+# the steps the schedule skips run a program without the teleport's conditional
+assert "case" not in step.lower(params, state, x, y, teleport=False).as_text()
+assert "case" in jax.jit(lambda *a: opt.update(*a, value_fn=loss, x=x, y=y)).lower(
+  jax.grad(loss)(params, x, y), state, params
+).as_text()
 assert int(state.info.status) == tj.TeleportStatus.SUCCESSFUL, tj.status_message(state.info)
 assert bool(jnp.isfinite(l))
 """

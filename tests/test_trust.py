@@ -342,7 +342,12 @@ def test_transformed_updates_are_detected_and_the_teleport_rejected():
 
 
 def test_defaults_are_bounded_and_repeating_schedules_stability_constrained():
-  assert tj.TeleportConfig().objective.name.startswith("lookahead_loss")
+  config = tj.TeleportConfig()
+  assert isinstance(config.solver, tj.solvers.OneStep)
+  assert config.resolved_objective(True).name == "optimizer_lookahead(steps=1)"
+  assert config.resolved_objective(False).name.startswith("lookahead_loss")
+  named = tj.TeleportConfig(objective="max_grad_norm")  # the published teleport, by name
+  assert isinstance(named.solver, tj.solvers.Lie) and named.inner_steps == 10
   params, (x, y) = published_problem(9)
   vf = lambda p, x, y: published_loss(p, (x, y))  # noqa: E731
   opt = tj.with_teleport(

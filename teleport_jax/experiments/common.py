@@ -202,7 +202,7 @@ def describe_teleport(
   out = dict(
     schedule=schedule,
     objective=config.objective.name,
-    num_steps=config.num_steps,
+    num_steps=config.inner_steps,
     solver=(
       f"lie(step_size={lie.step_size:g}, normalize={lie.normalize}, "
       f"max_step_size={lie.max_step_size:g}, grow={lie.grow:g}, shrink={lie.shrink:g})"

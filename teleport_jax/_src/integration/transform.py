@@ -231,6 +231,7 @@ def with_teleport(
   verify: str = "auto",
   teleport_batch: int | None = None,
   warm_start: bool = False,
+  warn: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that it teleports on a schedule.
 
@@ -331,8 +332,16 @@ def with_teleport(
       a few hundred steps apart meet similar orbits, so the search skips the
       growing (or shrinking) phase it went through last time and its
       ``num_steps`` go further. For back-ends with a step size (``"lie"``,
-      ``"linesearch"``, ``"nullspace"``, ``"levelset"``); the first teleport
-      starts at ``step_size``.
+      ``"onestep"``, ``"linesearch"``, ``"nullspace"``, ``"levelset"``); the
+      first teleport starts at ``step_size``.
+    warn: warn once (a :class:`TeleportWarning`) when a teleport is rejected
+      for a reason that depends on the configuration, not on the parameters
+      (``NOT_A_SYMMETRY``, ``TRANSFORMED_UPDATES``, ``NOTHING_TO_MOVE``). The
+      warning comes from a ``jax.debug.callback``, and a program that holds a
+      host callback loses JAX's fast dispatch path: about half a millisecond
+      per call of the train step on CPU, teleporting or not. Off by default;
+      ``state.num_rejected`` and ``tj.status_message(state.info)`` tell the
+      same on the host at no cost.
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` with state
@@ -372,6 +381,7 @@ def with_teleport(
     verify=verify,
     teleport_batch=teleport_batch,
     warm_start=warm_start,
+    warn=warn,
   )
 
   def init_fn(params):
@@ -411,6 +421,7 @@ class _Settings:
     verify: ``"always"`` or ``"first"`` (``"auto"`` resolved).
     teleport_batch: the teleport batch size, or ``None``.
     warm_start: whether each search starts at the previous final step size.
+    warn: whether a configuration status warns (from a host callback).
     lean: whether later teleports transport the gradient instead of recomputing it.
     track: whether the back-end is asked to track its group element.
   """
@@ -424,6 +435,7 @@ class _Settings:
   verify: str
   teleport_batch: int | None
   warm_start: bool
+  warn: bool
   lean: bool
   track: bool
 
@@ -449,6 +461,7 @@ def _resolve_settings(
   verify,
   teleport_batch,
   warm_start,
+  warn,
 ) -> _Settings:
   """Validates :func:`with_teleport`'s arguments (in a fixed order) and resolves them."""
   if not isinstance(optimizer, optax.GradientTransformation):
@@ -464,10 +477,6 @@ def _resolve_settings(
     if stability != "auto":
       raise ValueError(f"stability must be 'auto', a bool or a Stability, got {stability!r}.")
     stability = True if _repeats(schedule) else None
-  if objective is None and (
-    config is None or config.objective.name.startswith("lookahead_loss(lr=1/")
-  ):
-    objective = obj_lib.optimizer_lookahead(5)
   cfg = solver.make_config(
     config,
     objective=objective,
@@ -480,7 +489,9 @@ def _resolve_settings(
     rtol=rtol,
     check=check,
   )
-  cfg = dataclasses.replace(cfg, stability=stab_lib.as_stability(stability))
+  if stability is not True:  # True: the back-end's default bound
+    stability = stab_lib.as_stability(stability)
+  cfg = dataclasses.replace(cfg, stability=stability)
   if cfg.solver.needs_symmetry and not isinstance(symmetry, sym_lib.Symmetry):
     raise TypeError(f"symmetry must be a teleport_jax symmetry, got {type(symmetry).__name__}.")
   if state_policy == "transport" and not cfg.solver.tracks_element:
@@ -491,6 +502,8 @@ def _resolve_settings(
   grad_rtol = obj_lib.check_positive(grad_rtol, "grad_rtol")
   if not isinstance(warm_start, bool):
     raise TypeError(f"warm_start must be a bool, got {type(warm_start).__name__}.")
+  if not isinstance(warn, bool):
+    raise TypeError(f"warn must be a bool, got {type(warn).__name__}.")
   if warm_start and not (hasattr(cfg.solver, "step_size") and hasattr(cfg.solver, "max_step_size")):
     raise ValueError(
       f"warm_start restarts the search at the previous teleport's step size; the "
@@ -522,6 +535,7 @@ def _resolve_settings(
     verify=verify,
     teleport_batch=teleport_batch,
     warm_start=warm_start,
+    warn=warn,
     lean=lean,
     track=(
       state_policy == "transport"
@@ -756,7 +770,8 @@ def _teleport_step(step: _Step, run_cfg: solver.TeleportConfig):
   info = jax.tree_util.tree_map(
     lambda a, b: jnp.asarray(a, jnp.asarray(b).dtype), info, step.state.info
   )
-  jax.debug.callback(_warn_if_configuration, info.status)
+  if step.s.warn:  # a host callback costs every call of the program its fast dispatch
+    jax.debug.callback(_warn_if_configuration, info.status)
   inner_updates, inner_state = step.s.optimizer.update(
     grads, moved_inner, new_params, value_fn=step.value_fn, **step.extra_args
   )

@@ -37,6 +37,7 @@ from teleport_jax._src.core.errors import TeleportError
 from teleport_jax._src.core.losses import LossFn
 from teleport_jax._src.core.losses import call_loss
 from teleport_jax._src.core.precision import upcast
+from teleport_jax._src.objectives import differences as diff_lib
 
 ObjectiveFn = Callable[[LossFn, chex.ArrayTree, Any], tuple[chex.Array, chex.Array]]
 
@@ -110,6 +111,35 @@ def bind(objective: Objective, loss_fn, params0, data, context=None):
   if objective.prepare is not None:
     return objective.prepare(loss_fn, params0, data, context or ObjectiveContext())
   return lambda params, g: evaluate(objective, loss_fn, params, data)
+
+
+def has_step_model(objective: Objective) -> bool:
+  """Whether :func:`step_model` gives the objective's optimizer step (a one-step look-ahead)."""
+  owner = getattr(objective.prepare, "owner", None)
+  return hasattr(owner, "step_model") and getattr(owner, "num_steps", None) == 1
+
+
+def step_model(objective: Objective, loss_fn, params0, data, context, grads0):
+  """The optimizer step a one-step look-ahead objective simulates, or ``None``.
+
+  For :func:`lookahead_loss` and :func:`optimizer_lookahead` with
+  ``num_steps=1`` the objective is ``L(w + u(grad L(w), w))``; its update
+  ``u`` lets a back-end differentiate the objective with gradients only
+  (:class:`~teleport_jax.solvers.OneStep`).
+
+  Args:
+    objective: the objective.
+    loss_fn, params0, data, context: as for :attr:`Objective.prepare`.
+    grads0: the loss gradient at ``params0``.
+
+  Returns:
+    ``update(grads, params, g) -> updates`` (a pytree like ``params``: the
+    step from ``params`` given the gradient there, the optimizer state at
+    ``params = g . params0`` under the state policy), or ``None``.
+  """
+  owner = getattr(objective.prepare, "owner", None)
+  make = getattr(owner, "step_model", None)
+  return None if make is None else make(loss_fn, params0, data, context, grads0)
 
 
 def _grad_norm_sq(loss_fn, params, data):
@@ -195,6 +225,20 @@ class _Lookahead:
     if lr is None:  # the GD step a well-tuned optimizer takes at the start point
       lr = jax.lax.stop_gradient(1.0 / _curvature_scale(f, params0))
     return lambda params, g: _gd_steps(f, params, lr, self.num_steps)
+
+  def step_model(self, loss_fn, params0, data, context, grads0):
+    """The gradient step this look-ahead simulates (one step only), or ``None``."""
+    del context
+    if self.num_steps != 1:
+      return None
+    lr = self.learning_rate
+    if lr is None:  # 1/lambda_max at the start point, by differences of gradients
+      f = lambda p: call_loss(loss_fn, p, data)  # noqa: E731
+      lam = jnp.abs(
+        hessian_max_eigenvalue(f, params0, num_iterations=10, differences=True, grads=grads0)
+      )
+      lr = jax.lax.stop_gradient(1.0 / jnp.maximum(lam, jnp.finfo(lam.dtype).tiny))
+    return lambda grads, params, g: optax.tree.scale(-lr, grads)
 
 
 def _curvature_scale(loss_of, params):
@@ -302,6 +346,23 @@ class _OptimizerLookahead:
 
     return bound
 
+  def step_model(self, loss_fn, params0, data, context, grads0):
+    """The optimizer's update this look-ahead simulates (one step only), or ``None``."""
+    del loss_fn, params0, data, grads0
+    if self.num_steps != 1:
+      return None
+    if context is None or context.optimizer is None:
+      self(None, None, None)
+    opt = context.optimizer
+    kwargs = dict(context.update_kwargs or {})
+    update = _finite_cotangents(lambda g_, s_, p_: opt.update(g_, s_, p_, **kwargs)[0])
+
+    def step(grads, params, g):
+      state = upcast(jax.lax.stop_gradient(context.state_at(params, g)))
+      return update(grads, state, params)
+
+    return step
+
 
 def optimizer_lookahead(num_steps: int = 5) -> Objective:
   r"""The loss after ``num_steps`` steps of the wrapped optax optimizer. Minimised.
@@ -362,7 +423,13 @@ def as_objective(objective: Objective | str | Callable) -> Objective:
 
 
 def hessian_max_eigenvalue(
-  loss_fn: LossFn, params: chex.ArrayTree, data: Any = None, *, num_iterations: int = 20
+  loss_fn: LossFn,
+  params: chex.ArrayTree,
+  data: Any = None,
+  *,
+  num_iterations: int = 20,
+  differences: bool = False,
+  grads: chex.ArrayTree | None = None,
 ) -> chex.Array:
   r"""The Hessian eigenvalue of largest magnitude, by power iteration.
 
@@ -383,6 +450,10 @@ def hessian_max_eigenvalue(
     params: parameter pytree (``n`` parameters in all).
     data: the batch passed to ``loss_fn``.
     num_iterations: power iterations (static; at least 1).
+    differences: Hessian-vector products as forward differences of gradients
+      (one gradient each, a first-order program) instead of forward-over-reverse.
+    grads: the loss gradient at ``params``, if known (saves one gradient with
+      ``differences``).
 
   Returns:
     A scalar of the parameters' dtype.
@@ -401,8 +472,17 @@ def hessian_max_eigenvalue(
   grad_fn = jax.grad(lambda p: call_loss(loss_fn, p, data))
   tiny = jnp.finfo(flat.dtype).tiny
 
-  def hvp(v):
-    return jax.flatten_util.ravel_pytree(jax.jvp(grad_fn, (params,), (unravel(v),))[1])[0]
+  if differences:
+    g0 = jax.flatten_util.ravel_pytree(grad_fn(params) if grads is None else grads)[0]
+
+    def hvp(v):
+      flat_g = lambda x: jax.flatten_util.ravel_pytree(grad_fn(unravel(x)))[0]  # noqa: E731
+      return diff_lib.directional_difference(flat_g, flat, g0, v)
+
+  else:
+
+    def hvp(v):
+      return jax.flatten_util.ravel_pytree(jax.jvp(grad_fn, (params,), (unravel(v),))[1])[0]
 
   def body(_, carry):
     v, _ = carry

@@ -40,6 +40,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from teleport_jax._src.core import precision
+from teleport_jax._src.objectives import differences as diff_lib
 from teleport_jax._src.objectives import objectives as obj_lib
 
 
@@ -64,6 +65,10 @@ class Stability:
       ``T = -learning_rate * H``; ``None`` measures ``H`` alone (relative bound only).
     num_iterations: power iterations at the start point.
     warm_iterations: power iterations at each candidate (warm-started).
+    differences: products of ``T`` by forward differences of the optimizer's
+      step (one gradient each, a first-order program) instead of
+      forward-over-reverse differentiation (two to three gradients each, and a
+      program twice the size to compile).
   """
 
   threshold: float | None = 2.0
@@ -72,6 +77,7 @@ class Stability:
   learning_rate: Any = None
   num_iterations: int = 20
   warm_iterations: int = 5
+  differences: bool = False
 
   def __post_init__(self):
     if self.threshold is not None:
@@ -89,10 +95,16 @@ class Stability:
     )
     if self.threshold is None and not self.relative:
       raise ValueError("Stability needs a threshold or relative=True.")
+    if not isinstance(self.differences, bool):
+      raise TypeError(f"differences must be a bool, got {self.differences!r}.")
 
   # ------------------------------------------------------------------ maps
-  def _step_map(self, loss_of, params, context, g):
-    """``v -> -T v`` at ``params`` (flat vectors, in the dtype of ``params``)."""
+  def _step_map(self, loss_of, params, context, g, grads=None):
+    """``v -> -T v`` at ``params`` (flat vectors, in the dtype of ``params``).
+
+    ``grads`` (the loss gradient at ``params``, if known) saves a gradient when
+    the products are differences.
+    """
     flat, unravel = ravel_pytree(params)
     if context is not None and context.optimizer is not None:
       # the state in the compute dtype, as the candidate is (a bfloat16 state in float32)
@@ -100,21 +112,40 @@ class Stability:
       kwargs = dict(context.update_kwargs or {})
       opt = context.optimizer
 
-      def step(p):
-        u, _ = opt.update(jax.grad(loss_of)(p), state, p, **kwargs)
+      def update(p, gr):
+        u, _ = opt.update(gr, state, p, **kwargs)
         return ravel_pytree(optax.tree.cast_like(u, p))[0]
 
+      def step(p):
+        return update(p, jax.grad(loss_of)(p))
+
+    else:
+      lr = 1.0 if self.learning_rate is None else self.learning_rate
+
+      def update(p, gr):
+        del p
+        return -lr * ravel_pytree(gr)[0]
+
+      def step(p):
+        return update(p, jax.grad(loss_of)(p))
+
+    if self.differences:
+      # T v = D_g u (H v) + D_p u v: H v as a difference of gradients (smooth), the
+      # update's derivative exactly (forward mode through an elementwise map; a
+      # difference through Adam's g / sqrt(v) would see its kink at g = 0)
+      grad_fn = jax.grad(loss_of)
+      g0 = grad_fn(params) if grads is None else grads
+
       def mv(v):
-        return -jax.jvp(lambda x: step(unravel(x)), (flat,), (v,))[1]
+        hv = diff_lib.directional_difference(grad_fn, params, g0, unravel(v))
+        return -jax.jvp(update, (params, g0), (unravel(v), hv))[1]
 
       return flat, mv
-    lr = 1.0 if self.learning_rate is None else self.learning_rate
-    grad = jax.grad(loss_of)
 
-    def hv(v):
-      return lr * ravel_pytree(jax.jvp(grad, (params,), (unravel(v),))[1])[0]
+    def mv(v):
+      return -jax.jvp(lambda x: step(unravel(x)), (flat,), (v,))[1]
 
-    return flat, hv
+    return flat, mv
 
   def _power(self, mv, v, iterations):
     tiny = jnp.finfo(v.dtype).tiny
@@ -131,9 +162,10 @@ class Stability:
     v, lam = jax.lax.fori_loop(0, iterations, body, (v, jnp.zeros((), v.dtype)))
     return jnp.abs(lam), v
 
-  def init(self, loss_of, params, context, g) -> StabilityState:
+  def init(self, loss_of, params, context, g, grads=None) -> StabilityState:
+    """The start point's step sharpness and bound (``grads``: the gradient there, if known)."""
     params = jax.lax.stop_gradient(params)
-    flat, mv = self._step_map(loss_of, params, context, g)
+    flat, mv = self._step_map(loss_of, params, context, g, grads)
     v0 = jax.random.normal(jax.random.key(0), flat.shape, flat.dtype)
     v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(flat.dtype).tiny)
     sigma0, v = self._power(mv, v0, self.num_iterations)
@@ -148,10 +180,10 @@ class Stability:
       bound = jnp.maximum(bound, rel) if absolute else rel
     return StabilityState(sigma0, sigma0, v, bound.astype(flat.dtype))
 
-  def check(self, loss_of, params, context, g, state: StabilityState):
-    """``(ok, state at params)``."""
+  def check(self, loss_of, params, context, g, state: StabilityState, grads=None):
+    """``(ok, state at params)`` (``grads``: the gradient at ``params``, if known)."""
     params = jax.lax.stop_gradient(params)
-    _, mv = self._step_map(loss_of, params, context, g)
+    _, mv = self._step_map(loss_of, params, context, g, grads)
     sigma, v = self._power(mv, state.vector, self.warm_iterations)
     ok = jnp.isfinite(sigma) & (sigma <= state.bound)
     return ok, state._replace(sigma=sigma.astype(state.sigma.dtype), vector=v)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from teleport_jax._src.objectives import objectives as obj_lib
+from teleport_jax._src.objectives import stability as stab_lib
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
@@ -120,6 +121,15 @@ class Solver(abc.ABC):
   def cost_per_step(self) -> float:
     """Extra work per inner step, in objective-gradient evaluations (for reports)."""
     return 1.0
+
+  def default_objective(self, optimizer_known: bool) -> obj_lib.Objective:
+    """The objective of a teleport that names none: the loss after 5 steps of the
+    optimizer that runs after it, if known, else of gradient descent at ``1/lambda_max``."""
+    return obj_lib.optimizer_lookahead(5) if optimizer_known else obj_lib.lookahead_loss(None, 5)
+
+  def default_stability(self):
+    """The stability bound ``stability="auto"`` applies when the optimizer is known."""
+    return stab_lib.Stability()
 
 
 class LieState(NamedTuple):
@@ -252,7 +262,7 @@ SOLVERS: dict[str, Callable[[], Solver]] = {
 def as_solver(solver: Solver | str | None) -> Solver:
   """A back-end from itself or a short name (``"lie"``, ``"nullspace"``, ``"levelset"``)."""
   if solver is None:
-    return Lie()
+    return SOLVERS["onestep"]()
   if isinstance(solver, Solver):
     return solver
   if isinstance(solver, str):

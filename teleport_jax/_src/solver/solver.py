@@ -44,6 +44,7 @@ from teleport_jax._src.core.errors import TeleportError
 from teleport_jax._src.objectives import objectives as obj_lib
 from teleport_jax._src.objectives import stability as stab_lib
 from teleport_jax._src.solver import backends
+from teleport_jax._src.solver import onestep  # noqa: F401 - registers "onestep"
 from teleport_jax._src.symmetries import check as check_lib
 from teleport_jax._src.symmetries import layouts
 from teleport_jax._src.symmetries import symmetry as sym_lib
@@ -281,13 +282,26 @@ class TeleportConfig:
   """Everything a teleport is asked to do, in one hashable record.
 
   Attributes:
-    objective: what to optimise on the orbit: ``"lookahead"`` (default: the
-      loss after 5 gradient steps; inside :func:`teleport_jax.with_teleport`
-      the loss after 5 steps of the wrapped optimizer), ``"max_grad_norm"``,
-      ``"min_grad_norm"``, an :class:`~teleport_jax.objectives.Objective` or a callable.
-    solver: the back-end that proposes steps: ``"lie"`` (default,
-      :class:`~teleport_jax.solvers.Lie`) or a back-end object.
-    num_steps: inner steps (static: a different value recompiles).
+    objective: what to optimise on the orbit. ``None`` (default): the
+      back-end's default: for :class:`~teleport_jax.solvers.OneStep`, the loss
+      after one step of the optimizer that runs after the teleport
+      (:func:`~teleport_jax.objectives.optimizer_lookahead` ``(1)`` when the
+      teleport knows it, :func:`~teleport_jax.objectives.lookahead_loss`
+      ``(None, 1)`` otherwise); for the other back-ends, after five.
+      Or ``"lookahead"`` (5 gradient steps of ``1/lambda_max``),
+      ``"optimizer_lookahead"``, ``"max_grad_norm"``, ``"min_grad_norm"``, an
+      :class:`~teleport_jax.objectives.Objective` or a callable.
+    solver: the back-end that proposes steps: ``"onestep"``
+      (:class:`~teleport_jax.solvers.OneStep`: one objective gradient and two
+      value-only trials, a few gradients in all), ``"lie"``
+      (:class:`~teleport_jax.solvers.Lie`: ten steps of gradient ascent on the
+      algebra), another name or a back-end object. ``None`` (default):
+      ``"onestep"`` for the default objective and one-step look-aheads, whose
+      gradient it computes from gradients alone; ``"lie"`` for any other
+      objective (``"max_grad_norm"`` is then the published teleport).
+    num_steps: inner steps (static: a different value recompiles); ``None``
+      (default): the back-end's default, 10 (2 trials for
+      :class:`~teleport_jax.solvers.OneStep`).
     rtol: allowed relative loss change (default :func:`default_rtol` of the
       parameters' dtype).
     safeguard: keep only finite, improving steps within ``rtol`` (default).
@@ -314,9 +328,9 @@ class TeleportConfig:
       ``False``: never raise, read ``info.status``.
   """
 
-  objective: Any = "lookahead"
-  solver: Any = "lie"
-  num_steps: int = 10
+  objective: Any = None
+  solver: Any = None
+  num_steps: int | None = None
   rtol: float | None = None
   safeguard: bool = True
   check: bool = True
@@ -325,14 +339,33 @@ class TeleportConfig:
   throw: bool | None = None
   check_tol: float | None = None
 
+  def resolved_objective(self, optimizer_known: bool) -> obj_lib.Objective:
+    """``objective``, or the back-end's default for a teleport that does (not) know
+    the optimizer that runs after it."""
+    if self.objective is not None:
+      return self.objective
+    return self.solver.default_objective(optimizer_known)
+
+  @property
+  def inner_steps(self) -> int:
+    """``num_steps``, or the back-end's default (10; 2 for :class:`~teleport_jax.solvers.OneStep`)."""
+    if self.num_steps is not None:
+      return self.num_steps
+    return int(getattr(self.solver, "default_num_steps", 10))
+
   def __post_init__(self):
-    object.__setattr__(self, "objective", obj_lib.as_objective(self.objective))
-    if self.objective.scale not in ("value", "decrease"):
-      raise ValueError(
-        f"objective.scale must be 'value' or 'decrease', got {self.objective.scale!r}."
-      )
+    if self.objective is not None:
+      object.__setattr__(self, "objective", obj_lib.as_objective(self.objective))
+      if self.objective.scale not in ("value", "decrease"):
+        raise ValueError(
+          f"objective.scale must be 'value' or 'decrease', got {self.objective.scale!r}."
+        )
+    if self.solver is None:  # one step where the objective allows it, else Lie's search
+      one = self.objective is None or obj_lib.has_step_model(self.objective)
+      object.__setattr__(self, "solver", "onestep" if one else "lie")
     object.__setattr__(self, "solver", backends.as_solver(self.solver))
-    object.__setattr__(self, "num_steps", obj_lib.check_count(self.num_steps, "num_steps", 0))
+    if self.num_steps is not None:
+      object.__setattr__(self, "num_steps", obj_lib.check_count(self.num_steps, "num_steps", 0))
     if self.rtol is not None:
       if obj_lib.is_concrete(self.rtol):
         if isinstance(self.rtol, bool) or not float(self.rtol) >= 0:
@@ -342,7 +375,9 @@ class TeleportConfig:
       object.__setattr__(self, "improve_rtol", float(self.improve_rtol))
     if self.check_tol is not None:
       object.__setattr__(self, "check_tol", obj_lib.check_positive(self.check_tol, "check_tol"))
-    if not (isinstance(self.stability, str) and self.stability == "auto"):
+    if not (isinstance(self.stability, str) and self.stability == "auto") and (
+      self.stability is not True
+    ):
       object.__setattr__(self, "stability", stab_lib.as_stability(self.stability))
     for name in ("safeguard", "check"):
       if not isinstance(getattr(self, name), bool):
@@ -372,7 +407,6 @@ def make_config(
   """A :class:`TeleportConfig` from ``config`` and keyword shortcuts (which win)."""
   if config is not None and not isinstance(config, TeleportConfig):
     raise TypeError(f"config must be a teleport_jax.TeleportConfig, got {type(config).__name__}.")
-  base = config or TeleportConfig()
   changes = {
     k: v
     for k, v in dict(
@@ -387,19 +421,24 @@ def make_config(
     ).items()
     if v is not None
   }
-  cfg = dataclasses.replace(base, **changes) if changes else base
-  lie_kwargs = {
+  if config is None:  # a fresh record: its defaults follow the arguments (the back-end
+    cfg = TeleportConfig(**changes)  # follows the objective)
+  else:
+    cfg = dataclasses.replace(config, **changes) if changes else config
+  shortcuts = {
     k: v
     for k, v in dict(step_size=step_size, normalize=normalize, max_step_size=max_step_size).items()
     if v is not None
   }
-  if lie_kwargs:
-    if not isinstance(cfg.solver, backends.Lie):
+  if shortcuts:
+    missing = [k for k in shortcuts if not hasattr(cfg.solver, k)]
+    if missing:
       raise ValueError(
-        f"{', '.join(lie_kwargs)} configure the 'lie' solver; set the fields of "
-        f"{type(cfg.solver).__name__} instead."
+        f"{', '.join(missing)} configure{'s' if len(missing) == 1 else ''} a back-end with "
+        f"{'that field' if len(missing) == 1 else 'those fields'}; "
+        f"{type(cfg.solver).__name__} has none: set its own fields instead."
       )
-    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, **lie_kwargs))
+    cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, **shortcuts))
   return cfg
 
 
@@ -478,6 +517,8 @@ class _Carry(NamedTuple):
   n_drift: chex.Array
   n_unstable: chex.Array
   stab: Any
+  loss: Any = None  # the loss at ``w`` and its gradient, where a back-end computes them
+  grads: Any = None
 
 
 def run(
@@ -511,7 +552,7 @@ def run(
     (the identity if rejected), else ``None``.
   """
   solver = config.solver
-  objective = config.objective
+  objective = config.resolved_objective(context is not None and context.optimizer is not None)
   orig = params
   dtype0 = params_dtype(params)
   dtype = compute_dtype(dtype0)
@@ -576,8 +617,12 @@ def run(
   res = res._replace(moves=res.moves & solver.moves(bstate))
   stability = config.stability
   if isinstance(stability, str):  # "auto": bound the optimizer that follows, if known
-    stability = stab_lib.Stability() if context is not None else None
-  stab0 = stability.init(loss_of, params, context, g0) if stability is not None else None
+    stability = solver.default_stability() if context is not None else None
+  elif stability is True:  # on, with the back-end's default bound
+    stability = solver.default_stability()
+  stab0 = None
+  if stability is not None:
+    stab0 = stability.init(loss_of, params, context, g0, grads=grads0)
 
   by_decrease = objective.scale == "decrease"
   floor_factor = jnp.asarray(IMPROVE_ROUNDING_ULPS * eps, dtype)
@@ -592,14 +637,8 @@ def run(
     floor = floor_factor * jnp.maximum(jnp.maximum(jnp.abs(loss0), jnp.abs(c.value)), tiny)
     return jnp.maximum(improve_rtol * decrease, floor).astype(dtype)
 
-  def body(i, c: _Carry) -> _Carry:
-    first = i == 0
-    cand, step = solver.propose(problem, c.w, c.bstate, c.aux)
-    cand = _where(first, c.w, cand)
-    g_cand = None
-    if track:
-      g_cand = _where(first, c.g, symmetry.compose(c.g, step))
-    jv, value, loss, aux = solver.evaluate(problem, cand, g_cand)
+  def judge(c: _Carry, first, cand, g_cand, jv, value, loss, aux, grads=None):
+    """The carry after a candidate: kept iff finite, within rtol, improving (and stable)."""
     jv, value, loss = (jnp.asarray(x).astype(dtype) for x in (jv, value, loss))
     # an infinite objective marks an infeasible point (a constraint), not a failure
     feasible = ~jnp.isinf(jv)
@@ -618,7 +657,7 @@ def run(
     if stability is not None:
 
       def check_stability(_):
-        return stability.check(loss_of, cand, context, g_cand, c.stab)
+        return stability.check(loss_of, cand, context, g_cand, c.stab, grads=grads)
 
       stable, stab = jax.lax.cond(
         ok & ~first, check_stability, lambda _: (jnp.asarray(True), c.stab), None
@@ -626,35 +665,34 @@ def run(
       ok = ok & stable
     ok = first | ok
     notfirst = ~first
-    new = _Carry(
-      w=cand,
-      g=g_cand,
-      jv=jv,
-      value=value,
-      value0=c.value0,
-      aux=aux,
-      bstate=c.bstate,
-      accepted=c.accepted,
-      n_nonfinite=c.n_nonfinite,
-      n_drift=c.n_drift,
-      n_unstable=c.n_unstable,
-      stab=stab,
-    )
+    new = c._replace(w=cand, g=g_cand, jv=jv, value=value, aux=aux, stab=stab)
+    if grads is not None:
+      new = new._replace(loss=loss, grads=grads)
     kept = _where(ok, new, c)
-    bstate = solver.update(c.bstate, ok, jv - c.jv, c.aux)
-    bstate = _where(first, c.bstate, bstate)
     return kept._replace(
       value0=jnp.where(first, value, c.value0).astype(c.value0.dtype),
-      bstate=bstate,
       accepted=c.accepted + (ok & notfirst).astype(jnp.int32),
       n_nonfinite=c.n_nonfinite + (notfirst & ~finite).astype(jnp.int32),
       n_drift=c.n_drift + (notfirst & finite & ~within & bool(config.safeguard)).astype(jnp.int32),
       n_unstable=c.n_unstable
       + (notfirst & finite & within & (~stable | ~feasible)).astype(jnp.int32),
-    )
+    ), ok
+
+  def body(i, c: _Carry) -> _Carry:
+    first = i == 0
+    cand, step = solver.propose(problem, c.w, c.bstate, c.aux)
+    cand = _where(first, c.w, cand)
+    g_cand = None
+    if track:
+      g_cand = _where(first, c.g, symmetry.compose(c.g, step))
+    jv, value, loss, aux = solver.evaluate(problem, cand, g_cand)
+    kept, ok = judge(c, first, cand, g_cand, jv, value, loss, aux)
+    bstate = solver.update(c.bstate, ok, jnp.asarray(jv).astype(dtype) - c.jv, c.aux)
+    return kept._replace(bstate=_where(first, c.bstate, bstate))
 
   nan = jnp.asarray(jnp.nan, dtype)
   zi = jnp.zeros((), jnp.int32)
+  one_shot = getattr(solver, "one_shot", False)
   init = _Carry(
     w=params,
     g=g0,
@@ -668,25 +706,35 @@ def run(
     n_drift=zi,
     n_unstable=zi,
     stab=stab0,
+    loss=jnp.asarray(loss0, dtype) if one_shot else None,
+    grads=grads0 if one_shot else None,
   )
   run_search = inputs_finite & res.ok & res.moves
-  if config.num_steps == 0:
+  if config.inner_steps == 0:
     value0 = jnp.asarray(bound(params, g0)[0], dtype)
     out = init._replace(value=value0, value0=value0)
   else:
 
     def search(_):
-      return jax.lax.fori_loop(0, config.num_steps + 1, body, init)
+      if not one_shot:
+        return jax.lax.fori_loop(0, config.inner_steps + 1, body, init)
+      # one evaluation of the objective's gradient, then value-only trials
+      model = obj_lib.step_model(objective, loss_fn, params, data, context, grads0)
+      return solver.search(problem, init, judge, config.inner_steps, model)
 
     def skip(_):
       return init
 
     out = jax.lax.cond(run_search, search, skip, None)
 
-  cand = symmetry.act(params, out.g, data) if track else out.w
+  # the point the search evaluated (a one-shot back-end), or the composed element's
+  cand = symmetry.act(params, out.g, data) if track and not one_shot else out.w
   new_c = optax.tree.cast_like(cand, orig)
   cand_eval = precision.upcast(new_c)
-  if transport_gradient and track and not symmetry.needs_data:
+  if one_shot and dtype0 == dtype:
+    # the back-end evaluated the loss and its gradient at this very point
+    loss1, grads1 = out.loss, out.grads
+  elif transport_gradient and track and not symmetry.needs_data:
     from teleport_jax._src.solver import state_transport
 
     loss1 = loss_of(cand_eval)
@@ -707,7 +755,7 @@ def run(
     )
   )
   S = TeleportStatus  # noqa: N806
-  steps = config.num_steps
+  steps = config.inner_steps
   nothing = jnp.where(
     (out.n_nonfinite == steps) & (steps > 0),
     S.STEPS_NONFINITE,
@@ -913,8 +961,6 @@ def teleport(
     opt_state = optimizer.init(params)
   if optimizer is not None:
     optimizer = optax.with_extra_args_support(optimizer)
-    if objective is None and config.objective.name.startswith("lookahead_loss(lr=1/"):
-      config = dataclasses.replace(config, objective=obj_lib.optimizer_lookahead(5))
   traced = _has_tracer((params, data, opt_state, learning_rate))
   static = dataclasses.replace(config, throw=None)  # raising happens outside: no recompile
   if traced or not _hashable(static):
