@@ -1,4 +1,4 @@
-"""The layout of ``teleport_jax._src``: layers in order, no import cycles, small folders.
+"""The layout of ``teleport_jax``: layers in order, no import cycles, small folders and units.
 
 Every module under ``teleport_jax/_src`` is parsed with :mod:`ast` (nothing is
 imported) and every import in it is read, at module level and inside
@@ -225,3 +225,55 @@ def test_a_module_outside_the_layers_is_caught(bad_tree):
   assert "teleport_jax._src.stray: a module outside every layer" in violations
   assert any(v.startswith("folders ") for v in violations)
   assert any("in 'extra', which is not a declared layer" in v for v in violations)
+
+
+MAX_UNIT_LINES = 300  # lines of code in one function or class, docstrings and comments apart
+PACKAGE = SRC.parent
+
+
+def _docstring_lines(node: ast.AST) -> set[int]:
+  """The lines of every docstring inside ``node``."""
+  out = set()
+  for n in ast.walk(node):
+    body = getattr(n, "body", None)
+    if (
+      isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+      and body
+      and isinstance(body[0], ast.Expr)
+      and isinstance(body[0].value, ast.Constant)
+      and isinstance(body[0].value.value, str)
+    ):
+      out.update(range(body[0].lineno, body[0].end_lineno + 1))
+  return out
+
+
+def unit_sizes(root: pathlib.Path) -> dict[str, int]:
+  """``"path:line name" -> lines of code`` of every function and class under ``root``."""
+  sizes = {}
+  for path in sorted(root.rglob("*.py")):
+    text = path.read_text()
+    lines = text.splitlines()
+    for node in ast.walk(ast.parse(text)):
+      if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        continue
+      docs = _docstring_lines(node)
+      n = sum(
+        1
+        for i in range(node.lineno, node.end_lineno + 1)
+        if i not in docs and lines[i - 1].strip() and not lines[i - 1].strip().startswith("#")
+      )
+      sizes[f"{path.relative_to(root.parent)}:{node.lineno} {node.name}"] = n
+  return sizes
+
+
+def test_no_function_or_class_is_longer_than_300_lines_of_code():
+  sizes = unit_sizes(PACKAGE)
+  assert len(sizes) > 100
+  long = {k: n for k, n in sizes.items() if n > MAX_UNIT_LINES}
+  assert not long, f"units over {MAX_UNIT_LINES} lines of code: {long}"
+
+
+def test_the_unit_size_check_counts_code_not_docstrings(tmp_path):
+  body = "\n".join(f"  x{i} = {i}" for i in range(5))
+  (tmp_path / "m.py").write_text(f'def f():\n  """Doc.\n\n  More.\n  """\n  # note\n{body}\n')
+  assert unit_sizes(tmp_path) == {f"{tmp_path.name}/m.py:1 f": 6}

@@ -169,6 +169,7 @@ def test_plain_unnormalised_steps_without_safeguard_run():
     params,
     data,
     symmetry=tj.PositiveRescaling(),
+    solver="lie",
     normalize=False,
     safeguard=False,
     step_size=1e-9,
