@@ -41,9 +41,12 @@ def loss(params, data):
 def _optimizers(params):
   adam = optax.adam(1e-2)
   # a few steps so that Adam's moments are not those of a fresh state
-  state = adam.init(params)
-  for _ in range(3):
-    _, state = adam.update(jax.grad(loss)(params, _problem(0, jnp.float64)[1]), state, params)
+  data = _problem(0, jnp.float64)[1]
+  state = jax.jit(
+    lambda p: jax.lax.fori_loop(
+      0, 3, lambda _, s: adam.update(jax.grad(loss)(p, data), s, p)[1], adam.init(p)
+    )
+  )(params)
   return {
     "gd": (solver_lib.gradient_descent(0.05), None),
     "adam": (adam, state),
@@ -77,10 +80,15 @@ def test_the_objective_gradient_from_gradients_matches_automatic_differentiation
   objective = tj.objectives.optimizer_lookahead(1)
   _, problem = _bound_problem(params, data, sym_name, objective, context)
   grads = jax.grad(loss)(params, data)
-  model = obj_lib.step_model(objective, loss, params, data, context, grads)
   solver = tj.solvers.OneStep()
-  by_differences = solver.direction(problem, params, grads, None, model)
-  by_autodiff = solver.direction(problem, params, grads, None, None)
+
+  @jax.jit
+  def directions(params, grads):
+    model = obj_lib.step_model(objective, loss, params, data, context, grads)
+    by_differences = solver.direction(problem, params, grads, None, model)
+    return by_differences, solver.direction(problem, params, grads, None, None)
+
+  by_differences, by_autodiff = directions(params, grads)
   np.testing.assert_allclose(by_differences[0], by_autodiff[0], rtol=1e-12)
   a = ravel_pytree(by_differences[3])[0]
   b = ravel_pytree(by_autodiff[3])[0]
@@ -115,7 +123,8 @@ def test_the_gradient_returned_with_a_teleport_is_the_gradient_at_the_new_point(
   opt = solver_lib.gradient_descent(0.05)
   context = obj_lib.ObjectiveContext(opt, lambda p, g: opt.init(p), {})
   sym = solver_lib.bind_and_validate(loss, params, data, SYMS["data_gl"], config)
-  new, info, grads, g = solver_lib.run(loss, params, data, sym, config, context, track_element=True)
+  run = jax.jit(lambda p: solver_lib.run(loss, p, data, sym, config, context, track_element=True))
+  new, info, grads, g = run(params)
   assert bool(info.accepted)
   want = jax.grad(loss)(new, data)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
