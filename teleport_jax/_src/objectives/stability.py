@@ -116,9 +116,6 @@ class Stability:
         u, _ = opt.update(gr, state, p, **kwargs)
         return ravel_pytree(optax.tree.cast_like(u, p))[0]
 
-      def step(p):
-        return update(p, jax.grad(loss_of)(p))
-
     else:
       lr = 1.0 if self.learning_rate is None else self.learning_rate
 
@@ -126,8 +123,8 @@ class Stability:
         del p
         return -lr * ravel_pytree(gr)[0]
 
-      def step(p):
-        return update(p, jax.grad(loss_of)(p))
+    def step(p):
+      return update(p, jax.grad(loss_of)(p))
 
     if self.differences:
       # T v = D_g u (H v) + D_p u v: H v as a difference of gradients (smooth), the

@@ -132,6 +132,21 @@ class Solver(abc.ABC):
     return stab_lib.Stability()
 
 
+def algebra_gradient(problem: Problem, w, g):
+  """``(signed value, value, loss, its gradient in the Lie algebra at xi = 0)`` at ``w``.
+
+  The objective is differentiated through the linearised action (first order is
+  all a gradient at ``xi = 0`` needs, so matrix groups use ``I + xi``).
+  """
+  sym = problem.symmetry
+
+  def j(xi):
+    return problem.signed(sym.act_linearized(w, xi, problem.data), g)
+
+  (jv, (value, loss)), grad = jax.value_and_grad(j, has_aux=True)(sym.algebra_zeros(w))
+  return jv, value, loss, grad
+
+
 class LieState(NamedTuple):
   eta: chex.Array
 
@@ -209,16 +224,7 @@ class Lie(Solver):
     return state, problem.symmetry.algebra_zeros(params)
 
   def evaluate(self, problem, w, g):
-    sym = problem.symmetry
-
-    def j(xi):
-      moved = sym.act_linearized(w, xi, problem.data)  # first order suffices at xi = 0
-      jv, aux = problem.signed(moved, g)
-      return jv, aux
-
-    xi0 = sym.algebra_zeros(w)
-    (jv, (value, loss)), grad = jax.value_and_grad(j, has_aux=True)(xi0)
-    return jv, value, loss, grad
+    return algebra_gradient(problem, w, g)
 
   def propose(self, problem, w, state, aux):
     gnorm = optax.tree.norm(aux)

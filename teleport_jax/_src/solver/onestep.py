@@ -118,7 +118,7 @@ class OneStep(backends.Solver):
     )
 
   def evaluate(self, problem, w, g):
-    return backends.Lie.evaluate(self, problem, w, g)
+    return backends.algebra_gradient(problem, w, g)
 
   def propose(self, problem, w, state, aux):
     return self._move(problem, w, aux, state.next_eta)
