@@ -1,6 +1,7 @@
 """Shared fixtures: x64 on (float32 tests create float32 arrays explicitly)."""
 
 import atexit
+import functools
 import math
 import os
 import shutil
@@ -55,6 +56,13 @@ def random_mlp(key, widths, dtype, *, fmt="out_in", bias=False, scale=1.0):
     fmt: ``"out_in"`` (list of ``W`` with shape (out, in)), ``"pairs"`` (list of
       ``(W, b)``), or ``"linen"`` (flax-style dict with ``kernel`` (in, out)).
   """
+  # one compiled program per shape (hypothesis draws many shapes; eager random
+  # draws would compile one program per leaf); the draws are those of eager mode
+  return _random_mlp(key, tuple(widths), jnp.dtype(dtype), fmt, bias, scale)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _random_mlp(key, widths, dtype, fmt, bias, scale):
   keys = jax.random.split(key, 2 * len(widths))
   ws, bs = [], []
   for i in range(len(widths) - 1):
@@ -81,6 +89,14 @@ def random_mlp(key, widths, dtype, *, fmt="out_in", bias=False, scale=1.0):
 def mlp_apply(params, x, act, fmt):
   """Forward pass matching :func:`random_mlp`; ``x`` is (features, n) for out_in
   and pairs, (n, features) for linen."""
+  if isinstance(x, jax.core.Tracer) or any(
+    isinstance(p, jax.core.Tracer) for p in jax.tree_util.tree_leaves(params)
+  ):
+    return _mlp_apply(params, x, act, fmt)
+  return _mlp_apply_jit(params, x, act, fmt)
+
+
+def _mlp_apply(params, x, act, fmt):
   if fmt == "out_in":
     h = x
     for i, w in enumerate(params):
@@ -105,6 +121,9 @@ def mlp_apply(params, x, act, fmt):
     if i < len(names) - 1:
       h = act(h)
   return h
+
+
+_mlp_apply_jit = jax.jit(_mlp_apply, static_argnums=(2, 3))
 
 
 def mse_loss(act, fmt):

@@ -31,6 +31,28 @@ def _random_algebra(sym, params, key, scale):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _numpy_mlp(rng, widths, dtype, *, bias):
+  """Like ``random_mlp(..., fmt="pairs")`` from numpy draws (zero biases without ``bias``)."""
+  return [
+    (
+      jnp.asarray(rng.normal(size=(o, i)) / math.sqrt(i), dtype),
+      jnp.asarray(0.1 * rng.normal(size=(o,)) * bias, dtype),
+    )
+    for i, o in zip(widths[:-1], widths[1:])
+  ]
+
+
+def _numpy_algebra(sym, params, rng, scale):
+  """Like :func:`_random_algebra`, from numpy draws."""
+  xi = sym.algebra_zeros(params)
+  return jax.tree_util.tree_map(
+    lambda x: jnp.asarray(
+      scale * rng.normal(size=x.shape) / math.sqrt(max(x.shape[-1], 1)), x.dtype
+    ),
+    xi,
+  )
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _act_jit(sym, params, xi, data):
   """One compiled action per shape (hypothesis draws many shapes); ``retract``
@@ -105,15 +127,14 @@ def chex_same_structure(a, b):
 )
 def test_data_free_actions_keep_outputs_on_any_input(widths, seed, use_x64):
   dtype = jnp.float64 if use_x64 else jnp.float32
-  key = jax.random.key(seed)
-  k1, k2, k3 = jax.random.split(key, 3)
-  params = random_mlp(k1, widths, dtype, fmt="pairs", bias=True)
-  x = jax.random.normal(k2, (widths[0], 11), dtype)  # batch larger than widths: data-free
+  rng = np.random.default_rng(seed)  # numpy draws: no program to compile per drawn shape
+  params = _numpy_mlp(rng, widths, dtype, bias=True)
+  x = jnp.asarray(rng.normal(size=(widths[0], 11)), dtype)  # batch larger than widths: data-free
   for sym, act in (
     (tj.PositiveRescaling(), tj.activations.leaky_relu(0.2)),
     (tj.LinearGL(), tj.activations.identity()),
   ):
-    new = _act_jit(sym, params, _random_algebra(sym, params, k3, 0.5), None)
+    new = _act_jit(sym, params, _numpy_algebra(sym, params, rng, 0.5), None)
     assert rel_change(mlp_apply(params, x, act, "pairs"), mlp_apply(new, x, act, "pairs")) < tol(
       dtype
     )
@@ -128,16 +149,15 @@ def test_data_free_actions_keep_outputs_on_any_input(widths, seed, use_x64):
 )
 def test_data_dependent_action_keeps_batch_outputs(widths, seed, use_x64, slope):
   dtype = jnp.float64 if use_x64 else jnp.float32
-  key = jax.random.key(seed)
-  k1, k2, k3 = jax.random.split(key, 3)
-  params = random_mlp(k1, widths, dtype, fmt="out_in")
+  rng = np.random.default_rng(seed)
+  params = [w for w, _ in _numpy_mlp(rng, widths, dtype, bias=False)]
   n = min(widths[:-2])
-  x = jax.random.normal(k2, (widths[0], n), dtype)
+  x = jnp.asarray(rng.normal(size=(widths[0], n)), dtype)
   act = tj.activations.leaky_relu(slope)
   sym = tj.DataDependentGL(activation=act)
   assert sym.rank_condition(params, (x,))["shape_ok"]
   sym.validate(params, (x,))
-  new = _act_jit(sym, params, _random_algebra(sym, params, k3, 0.3), (x,))
+  new = _act_jit(sym, params, _numpy_algebra(sym, params, rng, 0.3), (x,))
   # inverse-free check of outputs on the batch
   assert rel_change(
     mlp_apply(params, x, act, "out_in"), mlp_apply(new, x, act, "out_in")

@@ -33,6 +33,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
+from teleport_jax._src.core import noise
 from teleport_jax._src.core.errors import TeleportError
 from teleport_jax._src.core.losses import LossFn
 from teleport_jax._src.core.losses import call_loss
@@ -435,7 +436,7 @@ def hessian_max_eigenvalue(
 
   Runs ``num_iterations`` Hessian-vector products (forward-over-reverse,
   :func:`jax.jvp` of :func:`jax.grad`, so the Hessian is never formed) from a
-  fixed pseudo-random unit vector (``jax.random.key(0)``), inside a
+  fixed pseudo-random unit vector (numpy's ``default_rng(0)``), inside a
   ``lax.fori_loop``, and returns the Rayleigh quotient :math:`v^\top H v` of
   the last iterate. It converges to the eigenvalue of largest magnitude (with
   its sign) from below in magnitude; the rate depends on the gap to the second.
@@ -489,7 +490,7 @@ def hessian_max_eigenvalue(
     hv = hvp(v)
     return hv / jnp.maximum(jnp.linalg.norm(hv), tiny), jnp.vdot(v, hv)
 
-  v0 = jax.random.normal(jax.random.key(0), flat.shape, flat.dtype)
+  v0 = noise.normal(0, flat.shape, flat.dtype)
   v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), tiny)
   _, lam = jax.lax.fori_loop(0, int(num_iterations), body, (v0, jnp.zeros((), flat.dtype)))
   return lam

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from teleport_jax._src.core import noise
 from teleport_jax._src.core import precision
 from teleport_jax._src.objectives import differences as diff_lib
 from teleport_jax._src.objectives import objectives as obj_lib
@@ -163,7 +164,7 @@ class Stability:
     """The start point's step sharpness and bound (``grads``: the gradient there, if known)."""
     params = jax.lax.stop_gradient(params)
     flat, mv = self._step_map(loss_of, params, context, g, grads)
-    v0 = jax.random.normal(jax.random.key(0), flat.shape, flat.dtype)
+    v0 = noise.normal(0, flat.shape, flat.dtype)
     v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(flat.dtype).tiny)
     sigma0, v = self._power(mv, v0, self.num_iterations)
     absolute = self.threshold is not None and (

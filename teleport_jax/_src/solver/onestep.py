@@ -183,26 +183,26 @@ class OneStep(backends.Solver):
       model: the objective's step model (:func:`~teleport_jax.objectives.step_model`) or ``None``.
     """
     dtype = problem.dtype
-    c = init
-    eta = jnp.asarray(self.step_size, dtype)
-    for r in range(self.rounds):
-      # a round: the direction at the best point so far, then trials from there
+
+    def round_(r, carry):
+      # a round: the direction at the best point so far, then trials from there; one
+      # lax loop over the rounds, so that XLA compiles the direction and a trial once
+      c, eta = carry
       w_r, g_r = c.w, c.g
       jv_r, value_r, loss_r, d = self.direction(problem, w_r, c.grads, g_r, model)
-      if r == 0:
-        c, _ = judge(init, jnp.asarray(True), w_r, g_r, jv_r, value_r, loss_r, d, init.grads)
-      else:
-        c = c._replace(aux=d)
+      # the first round judges the start point (kept, whatever it is)
+      started, _ = judge(c, True, w_r, g_r, jv_r, value_r, loss_r, d, c.grads)
+      c = jax.tree_util.tree_map(lambda a, b: jnp.where(r == 0, a, b), started, c._replace(aux=d))
       jv_r = jnp.asarray(jv_r, dtype)
       slope = optax.tree.norm(c.aux)
 
-      def trial(_, carry, w_r=w_r, g_r=g_r, jv_r=jv_r, slope=slope):
+      def trial(_, carry):
         c, eta = carry
         cand, step = self._move(problem, w_r, c.aux, eta)
         g_cand = None if g_r is None else problem.symmetry.compose(g_r, step)
         jv, value, loss, grads = self.value(problem, cand, g_cand, model)
         grads = c.grads if grads is None else grads
-        new, ok = judge(c, jnp.asarray(False), cand, g_cand, jv, value, loss, c.aux, grads)
+        new, ok = judge(c, False, cand, g_cand, jv, value, loss, c.aux, grads)
         # after an improving trial: farther (up to grow times); otherwise back to where the
         # parabola through (0, jv_r) with slope |d| and (eta, jv) peaks, or shrink times
         jv = jnp.asarray(jv, dtype)
@@ -218,6 +218,10 @@ class OneStep(backends.Solver):
       c, _ = jax.lax.fori_loop(0, num_trials, trial, (c, eta))
       # the next round starts at the distance that last worked
       eta = jnp.where(c.bstate.eta > 0, c.bstate.eta, eta).astype(dtype)
+      return c, eta
+
+    eta = jnp.asarray(self.step_size, dtype)
+    c, _ = jax.lax.fori_loop(0, self.rounds, round_, (init, eta))
     return c
 
 

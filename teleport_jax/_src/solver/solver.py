@@ -654,7 +654,8 @@ def run(
     ok = finite & within & improved & feasible if config.safeguard else finite & feasible
     stab = c.stab
     stable = jnp.asarray(True)
-    if stability is not None:
+    # (``first`` may be a Python bool: the start point is then judged without the bound)
+    if stability is not None and first is not True:
 
       def check_stability(_):
         return stability.check(loss_of, cand, context, g_cand, c.stab, grads=grads)
@@ -663,6 +664,7 @@ def run(
         ok & ~first, check_stability, lambda _: (jnp.asarray(True), c.stab), None
       )
       ok = ok & stable
+    first = jnp.asarray(first)
     ok = first | ok
     notfirst = ~first
     new = c._replace(w=cand, g=g_cand, jv=jv, value=value, aux=aux, stab=stab)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from teleport_jax._src.core import noise
 from teleport_jax._src.core import tracing
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
@@ -107,22 +108,21 @@ def resolution_tol(loss_of, params: chex.ArrayTree, tol: float) -> float:
   return tol if dtype is None else max(float(tol), default_check_tol(dtype))
 
 
-def _perturb(params, key, scale):
+def _perturb(params, seed, scale):
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(key, max(len(leaves), 1))
   out = []
-  for k, x in zip(keys, leaves):
+  for k, x in enumerate(leaves):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
       out.append(x)
       continue
     rms = jnp.sqrt(jnp.mean(jnp.square(x))) if x.size else jnp.zeros((), x.dtype)
-    out.append(x + (scale * rms) * jax.random.normal(k, x.shape, x.dtype))
+    out.append(x + (scale * rms) * noise.normal((seed, k), x.shape, x.dtype))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _directions(key, zeros_flat, num):
-  u = jax.random.normal(key, (num, zeros_flat.shape[0]), zeros_flat.dtype)
+def _directions(seed, zeros_flat, num):
+  u = noise.normal(seed, (num, zeros_flat.shape[0]), zeros_flat.dtype)
   n = jnp.linalg.norm(u, axis=1, keepdims=True)
   return u / jnp.maximum(n, jnp.finfo(zeros_flat.dtype).tiny)
 
@@ -185,7 +185,7 @@ def symmetry_check(
   if zeros_flat.shape[0] == 0:
     z = jnp.zeros((), dtype)
     return CheckResult(z, z, jnp.asarray(False), jnp.asarray(True))
-  k_dir, k_pert, k_dir2 = jax.random.split(jax.random.key(seed), 3)
+  k_dir, k_pert, k_dir2 = (seed, 0), (seed, 1), (seed, 2)
   dirs = _directions(k_dir, zeros_flat, num_directions)
   cos0, tn0, gn0 = _first_order(loss_of, symmetry, params, data, grads, dirs, unravel, zeros_flat)
 
@@ -291,12 +291,12 @@ def _part_errors(loss_of, symmetry, params, data):
             tuple(jnp.zeros_like(z) if j != i else jnp.ones_like(z) for j, z in enumerate(zeros))
           )[0]
         )
-    other = _perturb(params, jax.random.key(100), 1e-2)
+    other = _perturb(params, 100, 1e-2)
     grads = jax.grad(loss_of)(params)
     grads1 = jax.grad(loss_of)(other)
     out = []
     for k, mask in enumerate(masks):
-      dirs = _directions(jax.random.key(k), flat, 4) * mask[None]
+      dirs = _directions((k,), flat, 4) * mask[None]
       dirs = dirs / jnp.maximum(jnp.linalg.norm(dirs, axis=1, keepdims=True), 1e-30)
       cos0, _, _ = _first_order(loss_of, symmetry, params, data, grads, dirs, unravel, flat)
       cos1, _, _ = _first_order(loss_of, symmetry, other, data, grads1, dirs, unravel, flat)
