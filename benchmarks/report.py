@@ -866,6 +866,71 @@ def sharding_section(results: Path) -> str:
 
 
 # ------------------------------------------------------------------ the page
+def cpu_flags_section(results: Path) -> str:
+  cf = load("cpu_flags", results)
+  recs = cf["records"]
+  base = recs["default"]["cases"]
+  rows = []
+  for setting, rec in recs.items():
+    for name, r in rec["cases"].items():
+      b = base[name]
+      rows.append(
+        [
+          f"`{setting}`",
+          _COST_NAMES.get(name, name),
+          f"{r['plain_compile_s']:.2f}",
+          f"{r['teleport_compile_s']:.2f} ({r['teleport_compile_s'] / r['plain_compile_s']:.1f}×)",
+          f"{1e3 * r['plain_step_s']:.3f} [{1e3 * r['plain_step_iqr_s'][0]:.3f}, "
+          f"{1e3 * r['plain_step_iqr_s'][1]:.3f}]",
+          f"{1e3 * r['teleport_step_s']:.1f}",
+          f"{r['teleport_compile_s'] / b['teleport_compile_s']:.2f}",
+        ]
+      )
+  table = _table(
+    [
+      "setting",
+      "workload",
+      "plain step compile (s)",
+      "teleporting step compile (s)",
+      "plain step (ms): median [IQR]",
+      "teleporting step (ms)",
+      "teleport compile vs `default`",
+    ],
+    rows,
+  )
+  return (
+    "`python -m benchmarks.cpu_flags` runs each setting in its own process (XLA reads its "
+    "flags once per process) on the digits MLP and CNN, AdamW, the default teleport with "
+    "`stability=True`: `default` is XLA's defaults with `OPENBLAS_NUM_THREADS=1` (what every "
+    "benchmark here sets); `classic_emitters` adds `XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`, "
+    "XLA's older loop emitters for fusions; `openblas_default` leaves OpenBLAS's thread count "
+    "to OpenBLAS:\n\n"
+    + table
+    + "\n\nOn CPU, XLA's SVD, LU and eigen-decompositions (used by the data-dependent "
+    "actions, closed-form balancing and `LinearGL`'s exact inverse) call SciPy's OpenBLAS, "
+    "which by default starts a thread per core next to XLA's own; on a small loaded machine "
+    "they compete, so set `OPENBLAS_NUM_THREADS=1` before importing JAX when a teleport uses "
+    "them (the digits workloads above use neither, which is why the third setting changes "
+    "little there). " + _emitters_sentence(recs)
+  )
+
+
+def _emitters_sentence(recs: dict) -> str:
+  base, classic = recs["default"]["cases"], recs["classic_emitters"]["cases"]
+  comp = [1 - classic[n]["teleport_compile_s"] / base[n]["teleport_compile_s"] for n in base]
+  step = [classic[n]["plain_step_s"] / base[n]["plain_step_s"] for n in base]
+  tele = [classic[n]["teleport_step_s"] / base[n]["teleport_step_s"] for n in base]
+  return (
+    f"With the classic emitters the teleporting step compiles {100 * min(comp):.0f}–"
+    f"{100 * max(comp):.0f} % faster, the plain step runs at {min(step):.2f}–{max(step):.2f}× "
+    f"and the teleporting step at {min(tele):.2f}–{max(tele):.2f}× its time with XLA's "
+    "defaults (medians of single calls; the plain step's interquartile range above is the "
+    "noise): a notebook that recompiles often gains from "
+    "`XLA_FLAGS=--xla_cpu_use_fusion_emitters=false`, set before JAX is imported; a long "
+    "training run need not. The test suite compiles this way."
+  )
+
+
 def page(results: Path = RESULTS) -> str:
   wl = load("workloads", results)
   records = _workloads(wl)
@@ -914,6 +979,8 @@ def page(results: Path = RESULTS) -> str:
     workloads_findings(records),
     "## What a teleport costs",
     teleport_cost_section(results),
+    "## CPU settings: compile time and threads",
+    cpu_flags_section(results),
     "## A step that does not teleport",
     "`python -m benchmarks.workloads --overhead-only` compiles the plain train step and "
     "the same step with the optimizer wrapped in `tj.with_teleport` and times them side "

@@ -1063,6 +1063,7 @@ This notebook
 """),
   code("""
 %matplotlib inline
+import functools
 import time
 
 import flax.linen as nn
@@ -1150,7 +1151,7 @@ def loss(params, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
 
 
-teleport = jax.jit(lambda p, t: tj.teleport(loss, p, t, symmetry=sym, num_steps=10))
+teleport = jax.jit(lambda p, t: tj.teleport(loss, p, t, symmetry=sym))
 new, info = teleport(m.params, tokens)
 print(tj.status_message(info))
 print(f"loss {float(info.loss_before):.6f} -> {float(info.loss_after):.6f} "
@@ -1173,25 +1174,30 @@ schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, 150, 3e-4)
 inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99, weight_decay=0.1))
 
 
-def train(opt, steps=150):
+def train(opt, steps=150, teleports=False):
     state = opt.init(m.params)
 
-    @jax.jit
-    def step(params, state, tokens):
+    # `teleport=` is static: the steps the schedule skips run the plain optimizer step,
+    # and the teleporting step is a second program, compiled at the first teleport
+    @functools.partial(jax.jit, static_argnames="teleport")
+    def step(params, state, tokens, teleport=None):
         value, grad = jax.value_and_grad(loss)(params, tokens)
-        updates, state = opt.update(grad, state, params, value=value, value_fn=loss, tokens=tokens)
+        kw = dict(teleport=teleport) if teleports else {}
+        updates, state = opt.update(grad, state, params, value=value, value_fn=loss,
+                                    tokens=tokens, **kw)
         return optax.apply_updates(params, updates), state, value
 
     params, losses = m.params, []
     for i in range(steps):
-        params, state, value = step(params, state, tokens)
+        due = tj.teleport_due(state) if teleports else None
+        params, state, value = step(params, state, tokens, teleport=due)
         losses.append(float(value))
     return losses, state
 
 
 plain, _ = train(inner)
-teleporting, state = train(tj.with_teleport(inner, sym, schedule=tj.every(25), num_steps=10,
-                                            state_policy="transport"))
+teleporting, state = train(tj.with_teleport(inner, sym, schedule=tj.every(25),
+                                            state_policy="transport"), teleports=True)
 print("teleports:", int(state.num_teleports), "rejected:", int(state.num_rejected))
 print(f"final loss: plain {plain[-1]:.4f}, with teleports {teleporting[-1]:.4f}")
 

@@ -104,3 +104,16 @@ def test_sharding_benchmark_runs_in_smoke_mode_in_its_own_process(tmp_path):
   result = json.loads((tmp_path / "sharding.json").read_text())
   assert {r["devices"] for r in result["records"]} == {1, 8}
   assert all(r["outputs_keep_shardings"] and r["teleport_accepted"] for r in result["records"])
+
+
+@pytest.mark.slow
+def test_cpu_flags_benchmark_measures_each_setting_in_its_own_process(tmp_path, monkeypatch):
+  from benchmarks import cpu_flags
+
+  monkeypatch.setattr(cpu_flags, "CASES", ("mlp_digits",))
+  result = cpu_flags.main(["--rounds", "1", "--out", str(tmp_path)])
+  assert set(result["records"]) == set(cpu_flags.SETTINGS)
+  for rec in result["records"].values():
+    r = rec["cases"]["mlp_digits"]
+    assert r["teleport_compile_s"] > 0 and r["plain_step_s"] > 0
+  assert (tmp_path / "cpu_flags.json").exists()
