@@ -145,6 +145,24 @@ assert maybe._cache_size() == 1 and plain._cache_size() == 1
 """
 
 
+# The compile-time block sets the process's compilation cache: the suite's own is restored.
+_CACHE_SETUP = """
+import jax
+
+_saved_cache = (
+  jax.config.jax_compilation_cache_dir,
+  jax.config.jax_persistent_cache_min_compile_time_secs,
+)
+"""
+
+_CACHE_TEARDOWN = """
+assert jax.config.jax_compilation_cache_dir == "/tmp/jax_cache"
+assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+jax.config.update("jax_compilation_cache_dir", _saved_cache[0])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", _saved_cache[1])
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fixture:
   setup: str = ""
@@ -161,6 +179,7 @@ FIXTURES: dict[str, Fixture] = {
     "in its own process (tests/sharded/test_sharded.py::"
     "test_the_multiple_devices_example_runs_and_keeps_its_shardings)"
   ),
+  "docs/usage.md#compile-time": Fixture(setup=_CACHE_SETUP, teardown=_CACHE_TEARDOWN),
   "docs/usage.md#steps-that-do-not-teleport": Fixture(
     setup=_PERFORMANCE_SETUP, teardown=_PERFORMANCE_TEARDOWN
   ),
