@@ -4,9 +4,9 @@ XLA reads its flags once per process, so each setting runs in its own
 subprocess, one after the other, on the same cases: the digits MLP and CNN of
 :mod:`benchmarks.teleport_cost` (AdamW at their tuned values, the default
 teleport with ``stability=True``). Each subprocess compiles the plain train
-step and the teleporting one (ahead of time, timed apart) and then times them
-in interleaved rounds (median per call, blocked on each call; the spread is the
-interquartile range of the plain step's calls).
+step and the teleporting one (ahead of time, timed apart) and times them as
+:mod:`benchmarks.teleport_cost` does (interleaved rounds, median per call,
+blocked on each call, with the interquartile range of the rounds).
 
 Settings:
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -44,58 +43,40 @@ SETTINGS = {
 
 
 def _measure(names: list[str], rounds: int) -> dict:
-  """In this process: compile and step times of the plain and teleporting steps."""
-  import jax
-  import optax
+  """In this process: compile and step times of the plain and teleporting steps.
 
-  import teleport_jax as tj
+  The steps, compile timing and interleaved timing are those of
+  :mod:`benchmarks.teleport_cost` (the teleport timed after its one-time verification).
+  """
+  import jax.numpy as jnp
+
+  from benchmarks import _common as C
   from benchmarks import teleport_cost as T
 
   out = {}
   for name in names:
     case = T.make_case(name, True)
     x, y = case.batch(0)
-    inner = case.optimizer
-
-    def plain(p, s, x, y, inner=inner, case=case):
-      g = jax.grad(case.loss)(p, x, y)
-      u, s = inner.update(g, s, p)
-      return optax.apply_updates(p, u), s
-
-    opt = tj.with_teleport(
-      inner, case.symmetry, tj.schedules.at_steps([0], pad_to=1), stability=True
+    s0 = case.optimizer.init(case.params)
+    plain = C.compile_fn(T._steps(case, case.optimizer), case.params, s0, x, y)
+    opt = T._teleporter(case, {}, [0])
+    state = opt.init(case.params)
+    tele = C.compile_fn(T._steps(case, opt), case.params, state, x, y)
+    fire = state._replace(verified=jnp.asarray(True))  # as after the first teleport
+    t = C.time_side_by_side(
+      {
+        "plain": lambda c=plain, s=s0: c(case.params, s, x, y),
+        "teleport": lambda c=tele, s=fire: c(case.params, s, x, y),
+      },
+      repeats=rounds,
     )
-
-    def tele(p, s, x, y, opt=opt, case=case):
-      v, g = jax.value_and_grad(case.loss)(p, x, y)
-      u, s = opt.update(g, s, p, value=v, value_fn=case.loss, x=x, y=y, teleport=True)
-      return optax.apply_updates(p, u), s
-
-    ps, ts = inner.init(case.params), opt.init(case.params)
-    t = time.perf_counter()
-    pc = jax.jit(plain).lower(case.params, ps, x, y).compile()
-    plain_compile = time.perf_counter() - t
-    t = time.perf_counter()
-    tc = jax.jit(tele).lower(case.params, ts, x, y).compile()
-    tele_compile = time.perf_counter() - t
-    jax.block_until_ready(pc(case.params, ps, x, y))
-    jax.block_until_ready(tc(case.params, ts, x, y))
-    pt, tt = [], []
-    for _ in range(rounds):
-      for _ in range(20):
-        t = time.perf_counter()
-        jax.block_until_ready(pc(case.params, ps, x, y))
-        pt.append(time.perf_counter() - t)
-      t = time.perf_counter()
-      jax.block_until_ready(tc(case.params, ts, x, y))
-      tt.append(time.perf_counter() - t)
-    q = statistics.quantiles(pt, n=4)
     out[name] = {
-      "plain_compile_s": plain_compile,
-      "teleport_compile_s": tele_compile,
-      "plain_step_s": statistics.median(pt),
-      "plain_step_iqr_s": [q[0], q[2]],
-      "teleport_step_s": statistics.median(tt),
+      "plain_compile_s": plain.total_s,
+      "teleport_compile_s": tele.total_s,
+      "plain_step_s": t["plain"].median,
+      "plain_step_iqr_s": [t["plain"].q1, t["plain"].q3],
+      "teleport_step_s": t["teleport"].median,
+      "teleport_step_iqr_s": [t["teleport"].q1, t["teleport"].q3],
     }
   return out
 

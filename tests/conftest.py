@@ -91,17 +91,10 @@ def _random_mlp(key, widths, dtype, fmt, bias, scale):
   raise ValueError(fmt)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def mlp_apply(params, x, act, fmt):
   """Forward pass matching :func:`random_mlp`; ``x`` is (features, n) for out_in
-  and pairs, (n, features) for linen."""
-  if isinstance(x, jax.core.Tracer) or any(
-    isinstance(p, jax.core.Tracer) for p in jax.tree_util.tree_leaves(params)
-  ):
-    return _mlp_apply(params, x, act, fmt)
-  return _mlp_apply_jit(params, x, act, fmt)
-
-
-def _mlp_apply(params, x, act, fmt):
+  and pairs, (n, features) for linen. Compiled once per shape and activation."""
   if fmt == "out_in":
     h = x
     for i, w in enumerate(params):
@@ -126,9 +119,6 @@ def _mlp_apply(params, x, act, fmt):
     if i < len(names) - 1:
       h = act(h)
   return h
-
-
-_mlp_apply_jit = jax.jit(_mlp_apply, static_argnums=(2, 3))
 
 
 def mse_loss(act, fmt):
