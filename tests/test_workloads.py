@@ -132,6 +132,66 @@ def test_the_target_is_the_best_baselines_median_final_loss():
   assert rec["fastest_baseline"] == "sgd_nesterov"
 
 
+def test_methods_are_compared_seed_by_seed_on_the_whole_split_with_standard_errors():
+  wl = _transformer()
+  rng = np.random.default_rng(0)
+  units = [rng.gamma(4.0, 0.3, 400) for _ in range(3)]  # one per seed
+  shifts = {"adamw": 0.0, "norm_balance": 0.05, "tp": -0.1, "tp_same": 0.0}
+
+  def run(m, seed):
+    u = units[seed] + shifts[m] + (rng.normal(0, 1e-3, 400) if m == "tp_same" else 0.0)
+    # the learning curve's sample reads higher than the whole split, for every method
+    curve = [3.0, 2.0, float(np.mean(u)) + 0.2]
+    r = dict(_run(curve, [0, 1, 2 + shifts[m]]), final_val_loss_full=float(np.mean(u)))
+    return dict(r, final_units=u, final_val_se=W._se(u))
+
+  out = {
+    m: dict(
+      kind="baseline" if m in ("adamw", "norm_balance") else "teleport",
+      description=m,
+      hp={},
+      compile_s=1.0,
+      runs=[run(m, s) for s in range(3)],
+    )
+    for m in shifts
+  }
+  rec = W.summarise(wl, out)
+  assert rec["baseline"] == "adamw"
+  # the target is on the curve's measure, the final losses on the whole split
+  assert rec["target_val_loss"] == pytest.approx(np.median([np.mean(u) for u in units]) + 0.2)
+  adamw, tp, same = (rec["methods"][m] for m in ("adamw", "tp", "tp_same"))
+  assert adamw["final_val_loss"] == pytest.approx([np.mean(u) for u in units])
+  np.testing.assert_allclose(tp["paired_final_diff"], -0.1, atol=1e-12)
+  assert tp["resolved_final"] == "lower" and rec["methods"]["norm_balance"]["resolved_final"] == (
+    "higher"
+  )
+  assert same["resolved_final"] is None  # differences within their standard errors
+  assert all(0 < e < 1e-3 for e in same["paired_final_diff_se"])
+  # the per-unit spread gives each final loss its standard error
+  assert adamw["final_val_se"][0] == pytest.approx(np.std(units[0], ddof=1) / 20)
+  assert rec["monitor_units"] == rec["full_units"] == wl.val[1].shape[0]
+  json.dumps(rec)
+
+
+def test_a_time_ratio_is_resolved_only_beyond_the_evaluation_grid_on_every_seed():
+  # the baseline needs 200 steps, evaluations are 10 apart: +-5 % is not resolved
+  assert W.resolved_ratio([0.9, 0.8, 0.7], [1.0, 1.0, 1.0], 10, 200) == "faster"
+  assert W.resolved_ratio([0.97, 0.8, 0.7], [1.0, 1.0, 1.0], 10, 200) is None
+  assert W.resolved_ratio([1.2, None, 1.1], [1.0, 1.0, 1.0], 10, 200) == "slower"
+  assert W.resolved_ratio([0.5, 0.5, 0.5], [1.0, None, 1.0], 10, 200) is None
+
+
+def test_the_text_curve_is_read_on_a_systematic_sample_and_the_final_loss_on_the_split():
+  wl = W.make_workload("char_transformer_relu", "quick")
+  x_full, y_full = wl.val_full
+  assert wl.val[0].shape[0] == -(-x_full.shape[0] // 3)
+  np.testing.assert_array_equal(wl.val[0], x_full[::3])
+  # consecutive windows: the split, each character predicted once
+  flat = np.asarray(x_full).reshape(-1)
+  np.testing.assert_array_equal(flat[1:], np.asarray(y_full).reshape(-1)[:-1])
+  assert x_full.shape[0] * 64 > 0.98 * 46_000
+
+
 @pytest.fixture(scope="module")
 def mlp_record():
   """Every method on the digits MLP at smoke size: tuned, evaluated, summarised."""
@@ -143,12 +203,16 @@ def mlp_record():
 def test_every_method_trains_and_the_teleports_stay_on_the_level_set(mlp_record):
   rec, tuned = mlp_record
   assert set(rec["methods"]) == set(W.METHODS)
-  assert set(tuned["smoke"]["mlp_digits"]) == set(W.METHODS)
+  drop_in = {n for n, m in W.METHODS.items() if m.tuned_as}
+  assert drop_in and set(tuned["smoke"]["mlp_digits"]) == set(W.METHODS) - drop_in
+  for n in drop_in:  # run at the values of the method they are added to
+    assert rec["methods"][n]["hp"] == rec["methods"][W.METHODS[n].tuned_as]["hp"]
   for name, m in rec["methods"].items():
     assert not m["nonfinite"], name
     assert all(np.isfinite(c["val_loss"]).all() for c in m["curves"])
     assert all(np.all(np.diff(c["time_s"]) > 0) for c in m["curves"])
-    assert m["hp"] in [t["hp"] for t in tuned["smoke"]["mlp_digits"][name]["trials"]]
+    source = W.METHODS[name].tuned_as or name
+    assert m["hp"] in [t["hp"] for t in tuned["smoke"]["mlp_digits"][source]["trials"]]
     assert m["max_rel_loss_drift"] <= tj.default_rtol(jnp.float32)
     if m["kind"] == "teleport":
       assert all(n >= 1 for n in m["teleports"]), name

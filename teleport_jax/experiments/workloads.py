@@ -108,10 +108,12 @@ TUNED_PATH = Path(__file__).with_name("workloads_tuned.json")
 TUNING_SEED = 1000
 
 # steps and evaluation interval per workload family; trials and seeds per mode
+# (``monitor_stride``: the text's learning curve is measured on every k-th window of
+# the validation split, the final loss on all of them)
 SIZES = {
-  "full": dict(digits=(1000, 25), text=(2000, 100), trials=8, seeds=3, scale=1.0, val_windows=96),
-  "quick": dict(digits=(600, 25), text=(600, 50), trials=4, seeds=3, scale=1.0, val_windows=48),
-  "smoke": dict(digits=(30, 10), text=(20, 10), trials=2, seeds=1, scale=0.25, val_windows=8),
+  "full": dict(digits=(1000, 25), text=(2000, 100), trials=8, seeds=3, scale=1.0, monitor_stride=3),
+  "quick": dict(digits=(600, 25), text=(600, 50), trials=4, seeds=3, scale=1.0, monitor_stride=3),
+  "smoke": dict(digits=(30, 10), text=(20, 10), trials=2, seeds=1, scale=0.25, monitor_stride=1),
 }
 
 
@@ -125,9 +127,15 @@ class Workload:
     description: one line.
     init: ``seed -> params``.
     loss: ``loss(params, x, y) -> scalar``.
+    unit_loss: ``unit_loss(params, x, y) -> (n,)``, the losses whose mean is
+      ``loss``: one per example, or one per text window (for standard errors and
+      paired differences).
     train: the training data (a tuple of arrays, passed to ``sample``).
     sample: ``sample(train, key) -> (x, y)``, one minibatch (jit-able).
-    val: ``(x, y)`` of the validation set (evaluated with ``loss``).
+    val: ``(x, y)`` on which the learning curve is measured (the validation
+      set, or a systematic sample of it when ``val_full`` is given).
+    val_full: the whole validation split where ``val`` is a sample of it
+      (evaluated once, at the end of each run), else ``None``.
     symmetry: the symmetry teleports and balancing use.
     steps: training steps.
     eval_every: steps between validation evaluations.
@@ -143,6 +151,7 @@ class Workload:
   description: str
   init: Callable[[int], Any]
   loss: Callable
+  unit_loss: Callable
   train: tuple
   sample: Callable
   val: tuple
@@ -152,6 +161,7 @@ class Workload:
   warmup: int
   lr_range: dict
   loop: str = "scan"
+  val_full: tuple | None = None
 
 
 def _int(x: float) -> int:
@@ -168,10 +178,16 @@ def _classification_sample(batch: int):
 
 
 def _xent(apply):
+  """``(loss, unit_loss)``: mean cross-entropy, and its mean per example (per window)."""
+
+  def unit_loss(params, x, y):
+    xent = optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y)
+    return jnp.mean(xent.reshape(xent.shape[0], -1), axis=1)
+
   def loss(params, x, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y))
 
-  return loss
+  return loss, unit_loss
 
 
 def load_text(path: Path | None = None) -> tuple[str, str]:
@@ -237,9 +253,12 @@ def make_workload(
       )
 
     m = build(0)
-    rng = np.random.default_rng(0)
-    starts = rng.integers(0, len(val_tokens) - context - 1, size["val_windows"])
-    val = _windows(jnp.asarray(val_tokens), jnp.asarray(starts), context)
+    loss, unit_loss = _xent(m.apply)
+    # the whole split in consecutive windows; the learning curve on every k-th one
+    starts = np.arange((len(val_tokens) - 1) // context) * context
+    val_full = _windows(jnp.asarray(val_tokens), jnp.asarray(starts), context)
+    k = size["monitor_stride"]
+    val = tuple(v[::k] for v in val_full) if k > 1 else val_full
 
     def sample(train, key):
       (tokens,) = train
@@ -255,10 +274,12 @@ def make_workload(
         f"vocabulary {vocab}; text {source} ({len(train_tokens)}/{len(val_tokens)} characters)"
       ),
       init=lambda seed: build(seed).params,
-      loss=_xent(m.apply),
+      loss=loss,
+      unit_loss=unit_loss,
       train=(jnp.asarray(train_tokens),),
       sample=sample,
       val=val,
+      val_full=val_full if k > 1 else None,
       symmetry=tj.find_symmetries(m.apply, m.params, m.inputs),
       steps=steps,
       eval_every=every,
@@ -301,11 +322,13 @@ def make_workload(
     m = build(0)
     sym = tj.find_symmetries(m.apply, m.params, jnp.asarray(x_tr[:batch]))
     what = f"ReLU CNN conv {c1}-{c2}, dense {d}-10{', BatchNorm' if bn else ''}, batch {batch}"
+  loss, unit_loss = _xent(m.apply)
   return Workload(
     name=name,
     description=f"{what}; {ds.name} ({len(ds.y_train)}/{len(ds.y_val)} images)",
     init=lambda seed: build(seed).params,
-    loss=_xent(m.apply),
+    loss=loss,
+    unit_loss=unit_loss,
     train=(jnp.asarray(x_tr), jnp.asarray(ds.y_train)),
     sample=_classification_sample(batch),
     val=(jnp.asarray(x_va), jnp.asarray(ds.y_val)),
@@ -330,6 +353,8 @@ class Method:
       family names the workload's ``lr_range`` entry.
     build: ``build(hp, workload, schedule) -> GradientTransformationExtraArgs``.
     description: one line.
+    tuned_as: a method whose tuned values this one runs with (a drop-in
+      addition to it, not tuned on its own), else ``None``.
   """
 
   name: str
@@ -337,6 +362,7 @@ class Method:
   space: dict
   build: Callable
   description: str
+  tuned_as: str | None = None
 
 
 def _adamw(hp, lr):
@@ -374,6 +400,7 @@ _ADAM_SPACE = {"lr": ("adam", None, None), "wd": (None, 1e-2, 0.3)}
 
 # ``tj.every`` arguments of the methods that teleport on a schedule (the plots mark them)
 SCHEDULES = {
+  "tp_onestep": dict(k=250, start=20),
   "tp_lookahead": dict(k=250, start=20),
   "tp_lookahead_nostab": dict(k=250, start=20),
   "tp_gradbalance_50": dict(k=50, start=10),
@@ -447,6 +474,15 @@ METHODS = {
         stability=False,
       ),
       "AdamW + checked gradient balancing (with_teleport, |log s| <= 1) every 50 steps",
+    ),
+    Method(
+      "tp_onestep",
+      "teleport",
+      _ADAM_SPACE,
+      lambda hp, lr, wl: _tp(hp, lr, wl, schedule=tj.every(**SCHEDULES["tp_onestep"])),
+      "AdamW + with_teleport's default teleport (tj.solvers.OneStep) every 250 steps, "
+      "at AdamW's tuned values",
+      tuned_as="adamw",
     ),
     Method(
       "tp_lookahead",
@@ -545,7 +581,7 @@ class Trainer:
       return params, state, key, jnp.mean(values)
 
     def evaluate(params, val):
-      return loss(params, *val)
+      return wl.unit_loss(params, *val)
 
     if wl.loop not in ("scan", "steps"):
       raise ValueError(f"Workload.loop must be 'scan' or 'steps', got {wl.loop!r}.")
@@ -568,6 +604,8 @@ class Trainer:
         jax.jit(plain, donate_argnums=(0, 1)).lower(params, state, key, hp0, wl.train).compile()
       )
     self._eval = jax.jit(evaluate).lower(params, wl.val).compile()
+    if wl.val_full is not None:
+      self._eval_full = jax.jit(evaluate).lower(params, wl.val_full).compile()
     self.compile_s = time.perf_counter() - t
 
   def run(self, hp: dict, seed: int) -> dict:
@@ -577,7 +615,7 @@ class Trainer:
     params = wl.init(seed)
     state = self._init(params, hp)
     key = jax.random.key(seed)
-    val = [float(self._eval(params, wl.val))]
+    val = [_mean(self._eval(params, wl.val))]
     times, train = [0.0], []
     elapsed = 0.0
     # the schedule and the step count on the host: no transfer inside the timed part
@@ -597,11 +635,25 @@ class Trainer:
       elapsed += time.perf_counter() - t
       times.append(elapsed)
       train.append(float(np.mean(jax.device_get(losses))))  # one transfer
-      v = float(self._eval(params, wl.val))
+      units = self._eval(params, wl.val)
+      v = _mean(units)
       val.append(v)
       if not math.isfinite(v):
         break
-    out = dict(val_loss=val, train_loss=train, time_s=times, eval_every=wl.eval_every)
+    if wl.val_full is not None:
+      units = self._eval_full(params, wl.val_full)
+    units = np.asarray(jax.device_get(units), np.float64)
+    out = dict(
+      val_loss=val,
+      train_loss=train,
+      time_s=times,
+      eval_every=wl.eval_every,
+      # the whole validation split at the final parameters (the per-unit losses are
+      # kept for paired differences and dropped from the stored record)
+      final_val_loss_full=float(np.mean(units)),
+      final_val_se=_se(units),
+      final_units=units,
+    )
     if isinstance(state, tj.TeleportState):
       out.update(
         teleports=int(state.num_teleports),
@@ -614,13 +666,24 @@ class Trainer:
       moved = tj.group_action(
         params, tj.solvers.Balance("norm").element(wl.symmetry, params), symmetry=wl.symmetry
       )
-      before, after = val[-1], float(self._eval(moved, wl.val))
+      before, after = val[-1], _mean(self._eval(moved, wl.val))
       out.update(
         teleports=int(state.num_balanced),
         rejected=int(state.num_rejected),
         max_rel_loss_drift=abs(after - before) / abs(before),
       )
     return out
+
+
+def _mean(units) -> float:
+  return float(np.mean(jax.device_get(units), dtype=np.float64))
+
+
+def _se(units: np.ndarray) -> float | None:
+  """Standard error of the mean of ``units`` (over examples or windows)."""
+  if units.size < 2 or not np.all(np.isfinite(units)):
+    return None
+  return float(np.std(units, ddof=1) / math.sqrt(units.size))
 
 
 def _final(run: dict) -> float:
@@ -715,13 +778,16 @@ def run_workload(
   trainers = {}
   for mname in names:
     trainers[mname] = Trainer(wl, METHODS[mname])
-    if retune or mname not in stored:
-      stored[mname] = tune(trainers[mname], size["trials"], progress)
+    # a drop-in method runs at the values of the method it is added to
+    tuned_as = METHODS[mname].tuned_as or mname
+    if (retune and tuned_as == mname) or tuned_as not in stored:
+      trainer = trainers.get(tuned_as) or Trainer(wl, METHODS[tuned_as])
+      stored[tuned_as] = tune(trainer, size["trials"], progress)
       if on_tuned is not None:
         on_tuned()
   for mname in names:
     method, trainer = METHODS[mname], trainers[mname]
-    hp = stored[mname]["hp"]
+    hp = stored[method.tuned_as or mname]["hp"]
     runs = []
     for s in seeds:
       runs.append(trainer.run(hp, s))
@@ -755,17 +821,56 @@ def run_workload(
   )
 
 
+def _full(run: dict) -> float:
+  v = run.get("final_val_loss_full", run["val_loss"][-1])
+  return v if math.isfinite(v) else math.inf
+
+
+def paired(run: dict, ref: dict) -> tuple[float | None, float | None]:
+  """``(difference, standard error)`` of two runs' final whole-split losses.
+
+  The runs share a seed (initialisation and minibatches) and are evaluated on
+  the same examples or windows, so the difference is taken unit by unit; its
+  standard error is that of the mean of the per-unit differences: what the
+  difference would move by on another sample of the same size.
+  """
+  a, b = run.get("final_units"), ref.get("final_units")
+  if a is None or b is None or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    return None, None
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  return float(np.mean(d)), _se(d)
+
+
+def resolved(diffs: list, ses: list, z: float = 2.0) -> str | None:
+  """``"lower"``/``"higher"`` when every seed's difference has that sign beyond ``z`` SE."""
+  if not diffs or any(d is None or e is None for d, e in zip(diffs, ses)):
+    return None
+  if all(d < -z * e for d, e in zip(diffs, ses)):
+    return "lower"
+  if all(d > z * e for d, e in zip(diffs, ses)):
+    return "higher"
+  return None
+
+
 def summarise(
   wl: Workload,
   out: dict,
   loop_skip_overhead: float | None = None,
   loop_skip_overhead_split: float | None = None,
 ) -> dict:
-  """Target, time to target and teleport cost from the evaluated runs."""
-  finals = {m: [_final(r) for r in rec["runs"]] for m, rec in out.items()}
+  """Target, time to target, paired differences and teleport cost from the evaluated runs.
+
+  The best baseline is the one with the lowest median final loss on the whole
+  validation split; the target is its median final loss on the learning
+  curve's sample (the measure time to target is read on). Every method is
+  compared with it seed by seed: the difference of final whole-split losses
+  with its standard error over examples/windows, and the ratio of times to target.
+  """
+  full = {m: [_full(r) for r in rec["runs"]] for m, rec in out.items()}
+  monitor = {m: [_final(r) for r in rec["runs"]] for m, rec in out.items()}
   baselines = [m for m, rec in out.items() if rec["kind"] == "baseline"]
-  best = min(baselines, key=lambda m: statistics.median(finals[m]))
-  target = statistics.median(finals[best])
+  best = min(baselines, key=lambda m: statistics.median(full[m]))
+  target = statistics.median(monitor[best])
   total = {m: statistics.median(r["time_s"][-1] for r in rec["runs"]) for m, rec in out.items()}
   per_step = total["adamw"] / wl.steps if "adamw" in total else None
   methods = {}
@@ -776,13 +881,19 @@ def summarise(
     if rec["kind"] == "teleport" and per_step and teleports[0]:
       n = statistics.median(teleports)
       cost = (total[m] - total["adamw"]) / n / per_step if n else None
+    diffs = [paired(r, ref) for r, ref in zip(rec["runs"], out[best]["runs"])]
     methods[m] = dict(
       kind=rec["kind"],
       description=rec["description"],
       hp=rec["hp"],
       time_to_target_s=[h[0] for h in hits],
       steps_to_target=[h[1] for h in hits],
-      final_val_loss=[f if math.isfinite(f) else None for f in finals[m]],
+      final_val_loss=[f if math.isfinite(f) else None for f in full[m]],
+      final_val_se=[r.get("final_val_se") for r in rec["runs"]],
+      final_monitor_loss=[f if math.isfinite(f) else None for f in monitor[m]],
+      paired_final_diff=[d for d, _ in diffs],
+      paired_final_diff_se=[e for _, e in diffs],
+      resolved_final=None if m == best else resolved(*zip(*diffs)),
       train_time_s=[r["time_s"][-1] for r in rec["runs"]],
       compile_s=rec["compile_s"],
       teleport_cost_grad_steps=cost,
@@ -798,12 +909,21 @@ def summarise(
   times = {m: _median(methods[m]["time_to_target_s"]) for m in baselines}
   fastest = min((m for m in baselines if times[m] is not None), key=times.get, default=best)
   fastest_time = times.get(fastest)
+  base_steps = _median(methods[best]["steps_to_target"])
   for m in methods.values():
     t = _median(m["time_to_target_s"])
     m["time_ratio"] = None if t is None or not base_time else t / base_time
     m["time_ratio_vs_fastest_baseline"] = (
       None if t is None or not fastest_time else t / fastest_time
     )
+    m["paired_time_ratio"] = [
+      None if a is None or not b else a / b
+      for a, b in zip(m["time_to_target_s"], methods[best]["time_to_target_s"])
+    ]
+    m["resolved_time"] = resolved_ratio(
+      m["time_to_target_s"], methods[best]["time_to_target_s"], wl.eval_every, base_steps
+    )
+  methods[best]["resolved_time"] = None
   return dict(
     description=wl.description,
     steps=wl.steps,
@@ -811,10 +931,33 @@ def summarise(
     target_val_loss=target,
     baseline=best,
     fastest_baseline=fastest,
+    # the time to target is read at evaluations: a ratio is known to about
+    # eval_every / the baseline's steps to target
+    time_resolution=None if not base_steps else wl.eval_every / base_steps,
+    monitor_units=int(wl.val[1].shape[0]),
+    full_units=int((wl.val if wl.val_full is None else wl.val_full)[1].shape[0]),
     loop_skip_overhead=loop_skip_overhead,
     loop_skip_overhead_split=loop_skip_overhead_split,
     methods=methods,
   )
+
+
+def resolved_ratio(times, base_times, eval_every: int, base_steps: float | None) -> str | None:
+  """``"faster"``/``"slower"`` when every seed's time ratio is beyond the evaluation grid.
+
+  A time to target is read at evaluations ``eval_every`` steps apart, so a
+  ratio within ``1 ± eval_every / steps to target`` of 1 is not resolved. A run
+  that never reaches the target, against one that does, is slower.
+  """
+  if not times or not base_steps or any(b is None for b in base_times):
+    return None
+  ratios = [math.inf if a is None else a / b for a, b in zip(times, base_times)]
+  eps = eval_every / base_steps
+  if all(r < 1 - eps for r in ratios):
+    return "faster"
+  if all(r > 1 + eps for r in ratios):
+    return "slower"
+  return None
 
 
 # ------------------------------------------------------------------ reproduce
