@@ -17,6 +17,7 @@ lives in namespaces, each documented in ``docs/api.md``:
 * ``tj.schedules``: when to teleport;
 * ``tj.geometry``: sharpness, Hessian eigenvalues, orbit curvature;
 * ``tj.problems``: 2-D test problems with a rotation symmetry;
+* ``tj.learned``: learned teleports (policies, their optax wrapper, meta-training);
 * ``teleport_jax.models``: a small zoo of flax models.
 """
 
@@ -24,6 +25,7 @@ from teleport_jax import activations
 from teleport_jax import finders
 from teleport_jax import geometry
 from teleport_jax import groups
+from teleport_jax import learned
 from teleport_jax import objectives
 from teleport_jax import problems
 from teleport_jax import schedules
@@ -77,6 +79,7 @@ __all__ = (
   "geometry",
   "group_action",
   "groups",
+  "learned",
   "objectives",
   "problems",
   "product",
@@ -92,7 +95,7 @@ __all__ = (
   "with_teleport",
 )
 
-_NAMESPACES = (activations, geometry, objectives, problems, schedules, solvers, symmetries)
+_NAMESPACES = (activations, geometry, learned, objectives, problems, schedules, solvers, symmetries)
 
 
 def __getattr__(name: str):

@@ -354,6 +354,7 @@ NAMESPACES = [
   "finders",
   "geometry",
   "groups",
+  "learned",
   "objectives",
   "problems",
   "schedules",

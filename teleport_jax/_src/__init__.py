@@ -5,7 +5,7 @@ first, and no module imports another in a cycle, at module level or inside a
 function (``tests/test_layout.py`` reads the order from the line below and
 enforces it)::
 
-    core -> symmetries -> discovery -> objectives -> solver -> integration
+    core -> symmetries -> discovery -> objectives -> solver -> integration -> learned
 
 * ``core``: errors, pytree paths, the jaxpr tracer, precision and loss calls.
 * ``symmetries``: the :class:`~teleport_jax.symmetries.Symmetry` protocol, the groups and
@@ -14,6 +14,7 @@ enforces it)::
 * ``objectives``: what a teleport optimises, and the stability constraint.
 * ``solver``: the teleport driver, its back-ends and optimizer-state transport.
 * ``integration``: the optax transformation, its schedules, the balanced wrapper.
+* ``learned``: teleport policies, their optax wrapper and meta-training.
 
 The public API is re-exported by ``teleport_jax/__init__.py`` (what a training
 loop uses) and the namespace modules beside it (``teleport_jax.objectives``,

@@ -1,0 +1,1 @@
+"""Learned teleports: policies, the guarded optax wrapper that applies them, meta-training."""
