@@ -22,6 +22,7 @@ EXPECTED = {
   "04_test_functions_newton.ipynb",
   "05_beyond_the_seed.ipynb",
   "06_any_model.ipynb",
+  "07_learned_teleports.ipynb",
 }
 TIMEOUT_S = 600
 

@@ -279,7 +279,7 @@ def test_reproduce_runs_the_workloads_only_when_asked(monkeypatch, tmp_path):
 
   monkeypatch.setattr(cli.importlib, "import_module", lambda name: Fake())
   cli.main(["--out", str(tmp_path), "--no-progress"])
-  assert len(seen) == len(cli.EXPERIMENTS) - 1
+  assert len(seen) == len(cli.EXPERIMENTS) - len(cli.OPT_IN)
   seen.clear()
   cli.main(["--out", str(tmp_path), "--no-progress", "--only", "workloads", "--retune"])
   assert len(seen) == 1 and seen[0].retune and isinstance(seen[0], common.RunConfig)

@@ -44,9 +44,11 @@ EXPERIMENTS = {
   "generalization": "generalization",
   "backends": "backends",
   "workloads": "workloads",
+  "learned": "learned",
 }
-# run only when named in --only (hours on 2 CPU cores: tuned baselines on five workloads)
-OPT_IN = ("workloads",)
+# run only when named in --only (workloads: hours on 2 CPU cores, tuned baselines on five
+# workloads; learned: meta-training, several minutes)
+OPT_IN = ("workloads", "learned")
 # the experiments that train on MNIST when it is found or fetched (else on the 8x8 digits)
 MNIST_EXPERIMENTS = ("classification", "generalization", "backends")
 

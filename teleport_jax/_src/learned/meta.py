@@ -58,6 +58,9 @@ class MetaConfig:
     lr: the inner optimizer's step size where the policy proposes none.
     teleport: whether the policy moves the parameters (``False`` meta-trains
       its step size alone, the comparison that isolates what the move adds).
+    divergence: a task whose loss exceeds this factor times its loss at the
+      start of an unroll stops moving for the rest of it (so that no value
+      overflows and the meta-loss counts the divergence) and is then drawn afresh.
     seed: key of the task draws.
   """
 
@@ -68,6 +71,7 @@ class MetaConfig:
   meta_lr: float = 1e-3
   lr: float = 1e-4
   teleport: bool = True
+  divergence: float = 10.0
   seed: int = 0
 
   def __post_init__(self):
@@ -121,15 +125,21 @@ def meta_train(
   family: TaskFamily,
   config: MetaConfig | None = None,
   *,
+  step: Callable | None = None,
   progress: bool = False,
   callback: Callable[[int, float], None] | None = None,
 ) -> MetaResult:
   """Meta-trains ``policy`` on tasks of ``family``.
 
   Args:
-    policy: the policy to start from (not modified).
+    policy: the module to start from (not modified): a teleport policy, or any
+      nnx module with ``initial_carry()`` that ``step`` knows how to use.
     family: the tasks.
     config: sizes and learning rates (default :class:`MetaConfig` ``()``).
+    step: ``step(module) -> step_fn``, with ``step_fn((params, carry), data) ->
+      ((params, carry), loss)`` one optimizer step of a task (a learned
+      optimizer, say); default :func:`inner_step` with ``config.lr`` and
+      ``config.teleport``.
     progress: show a progress bar (tqdm) with the running meta-loss.
     callback: called as ``callback(meta_step, meta_loss)`` after every meta-step.
 
@@ -138,27 +148,45 @@ def meta_train(
   """
   config = MetaConfig() if config is None else config
   graphdef, weights = nnx.split(policy)
-  meta_opt = optax.apply_if_finite(optax.adam(config.meta_lr), 10)
+  # a non-finite meta-gradient (a task diverged) skips the update, however many in a row
+  meta_opt = optax.apply_if_finite(optax.adam(config.meta_lr), 2**30)
   key = jax.random.key(config.seed)
 
   def segment(w, tasks):
     pol = nnx.merge(graphdef, w)
-    step = inner_step(pol, family, config.lr, config.teleport)
+    if step is None:
+      one_step = inner_step(pol, family, config.lr, config.teleport)
+    else:
+      one_step = step(pol)
 
     def one(params, carry, data):
-      (params, carry), losses = jax.lax.scan(
-        lambda s, _: step(s, data), (params, carry), None, length=config.unroll
+      cap = config.divergence * jax.lax.stop_gradient(family.loss(params, data))
+
+      def guarded(state, _):
+        # a run whose loss passed the cap stops moving: every value stays finite, and
+        # the remaining steps of the unroll count its (large) loss
+        (new, new_carry), loss = one_step(state, data)
+        stop = ~(loss < cap)
+        new = jax.tree.map(lambda a, b: jnp.where(stop, a, b), state[0], new)
+        return (new, new_carry), (loss, stop)
+
+      (params, carry), (losses, stopped) = jax.lax.scan(
+        guarded, (params, carry), None, length=config.unroll
       )
-      return params, carry, jnp.mean(jnp.log(losses))
+      return params, carry, jnp.mean(jnp.log(losses)), jnp.any(stopped)
 
     params, carry, data = tasks
-    params, carry, logs = jax.vmap(one)(params, carry, data)
-    return jnp.mean(logs), (params, carry, data)
+    params, carry, logs, diverged = jax.vmap(one)(params, carry, data)
+    return jnp.mean(logs), ((params, carry, data), diverged)
 
-  def meta_step(w, opt_state, tasks):
-    (value, tasks), grads = jax.value_and_grad(segment, has_aux=True)(w, tasks)
+  def meta_step(w, opt_state, tasks, key):
+    (value, (tasks, diverged)), grads = jax.value_and_grad(segment, has_aux=True)(w, tasks)
     updates, opt_state = meta_opt.update(grads, opt_state, w)
-    return optax.apply_updates(w, updates), opt_state, jax.lax.stop_gradient(tasks), value
+    tasks = jax.lax.stop_gradient(tasks)
+    # a task that diverged or went non-finite starts again from a fresh draw
+    ok = jax.vmap(_finite)(tasks[0]) & ~diverged
+    tasks = jax.tree.map(lambda a, b: jnp.where(_expand(ok, a), a, b), tasks, draw(key))
+    return optax.apply_updates(w, updates), opt_state, tasks, value
 
   def draw(k):
     params, data = jax.vmap(family.sample)(jax.random.split(k, config.tasks))
@@ -170,7 +198,9 @@ def meta_train(
   key, sub = jax.random.split(key)
   draw_jit = jax.jit(draw)
   tasks = draw_jit(sub)
-  compiled = jax.jit(meta_step, donate_argnums=(1, 2)).lower(weights, opt_state, tasks).compile()
+  compiled = (
+    jax.jit(meta_step, donate_argnums=(1, 2)).lower(weights, opt_state, tasks, key).compile()
+  )
   compile_s = time.perf_counter() - t0
   per_task = config.horizon // config.unroll
   bar = _bar(progress, config.meta_steps)
@@ -179,7 +209,8 @@ def meta_train(
     if i and i % per_task == 0:
       key, sub = jax.random.split(key)
       tasks = draw_jit(sub)
-    weights, opt_state, tasks, value = compiled(weights, opt_state, tasks)
+    key, sub = jax.random.split(key)
+    weights, opt_state, tasks, value = compiled(weights, opt_state, tasks, sub)
     losses.append(value)
     if bar is not None or callback is not None:
       v = float(value)
@@ -193,6 +224,14 @@ def meta_train(
   if bar is not None:
     bar.close()
   return MetaResult(nnx.merge(graphdef, weights), losses, time.perf_counter() - t0, compile_s)
+
+
+def _finite(tree) -> chex.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _expand(mask: chex.Array, like: chex.Array) -> chex.Array:
+  return mask.reshape(mask.shape + (1,) * (jnp.ndim(like) - 1))
 
 
 def _bar(progress: bool, total: int):

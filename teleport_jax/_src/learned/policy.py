@@ -5,11 +5,13 @@ Two kinds, one interface (``policy(inputs, carry) -> Proposal``):
 * :class:`EquivariantPolicy` (default): reads the algebra features of
   :mod:`~teleport_jax._src.learned.features` and proposes, per algebra leaf, an
   element of the same shape. Its weights are shared across units (neurons,
-  channels, heads): a vector leaf ``(..., d)`` is mapped unit by unit from the
-  unit's features and their mean over the leaf; a matrix leaf ``(..., d, d)``
-  entry by entry from ``M_ij, M_ji, M_ii, M_jj``, the row and column means and
-  the leaf's mean. So it is permutation-equivariant and width-agnostic: a policy
-  trained at one width runs at any other, on any symmetry of the library.
+  channels, heads): a vector leaf ``(..., d)`` is mapped unit by unit, by a small
+  MLP, from the unit's features and their mean over the leaf; a matrix leaf
+  ``(..., d, d)`` is ``sum_k a_k F_k + b_k F_k^T + c I`` of its feature matrices,
+  with coefficients from an MLP of the leaf's permutation-invariant statistics
+  (``O(K d^2)``, a few times cheaper than the model's own step). So it is
+  permutation-equivariant and width-agnostic: a policy trained at one width
+  runs at any other, on any symmetry of the library.
 * :class:`LSTMPolicy`: the configuration of Zhao et al. (ICLR 2024,
   learn-to-teleport): two stacked LSTM cells read the flattened loss gradient and
   a linear layer writes every algebra entry, normalised to a fixed magnitude.
@@ -35,6 +37,7 @@ from jax import flatten_util
 from teleport_jax._src.learned import features as feat_lib
 
 K = len(feat_lib.FEATURES)
+_LOG_SCALE = 20.0  # log-scales and the log loss are divided by this: inputs of order one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,8 @@ class PolicyConfig:
       LSTM's is always exactly ``max_rms``, as the published normalisation).
     lr_range: ``(low, high)``: the policy also proposes the optimizer's step
       size in this range; ``None``: it proposes none.
+    lr_init: the step size a new policy proposes (inside ``lr_range``); ``None``:
+      the range's geometric middle.
     seed: initialisation seed.
   """
 
@@ -57,6 +62,7 @@ class PolicyConfig:
   hidden: int = 32
   max_rms: float = 1e-3
   lr_range: tuple[float, float] | None = None
+  lr_init: float | None = None
   seed: int = 0
 
   def __post_init__(self):
@@ -95,6 +101,15 @@ class Proposal(NamedTuple):
   carry: Any
 
 
+def _lr_bias(config: PolicyConfig) -> float:
+  """The logit at which :func:`_lr` gives ``config.lr_init``."""
+  if config.lr_init is None:
+    return 0.0
+  lo, hi = (math.log(v) for v in config.lr_range)
+  u = (math.log(config.lr_init) - lo) / (hi - lo)
+  return math.log(u / (1 - u))
+
+
 def _lr(z: chex.Array, lr_range) -> chex.Array:
   lo, hi = (jnp.log(jnp.asarray(v, jnp.float32)) for v in lr_range)
   return jnp.exp(lo + jax.nn.sigmoid(z) * (hi - lo))
@@ -105,26 +120,20 @@ def _with_rms(direction: chex.Array, rms: chex.Array) -> chex.Array:
   return direction * (rms / norm)
 
 
-def _entry_inputs(f: chex.Array, scales: chex.Array) -> chex.Array:
-  """``(..., d, d, 8K)`` per-entry inputs of a matrix leaf's features ``(K, ..., d, d)``."""
-  f = jnp.moveaxis(f, 0, -1)  # (..., d, d, K)
-  diag = jnp.diagonal(f, axis1=-3, axis2=-2)  # (..., K, d)
-  diag = jnp.moveaxis(diag, -1, -2)  # (..., d, K)
-  d = f.shape[-2]
-  rows = jnp.broadcast_to(jnp.mean(f, axis=-2, keepdims=True), f.shape)
-  cols = jnp.broadcast_to(jnp.mean(f, axis=-3, keepdims=True), f.shape)
-  mean = jnp.broadcast_to(jnp.mean(f, axis=(-3, -2), keepdims=True), f.shape)
-  parts = [
-    f,
-    jnp.swapaxes(f, -3, -2),
-    jnp.broadcast_to(diag[..., :, None, :], f.shape),
-    jnp.broadcast_to(diag[..., None, :, :], f.shape),
-    rows,
-    cols,
-    mean,
-    jnp.broadcast_to(scales, f.shape[:-3] + (d, d, scales.shape[-1])),
-  ]
-  return jnp.concatenate(parts, axis=-1)
+def _matrix_context(f: chex.Array, scales: chex.Array) -> chex.Array:
+  """``(5K,)`` permutation-invariant statistics of a matrix leaf's features ``(K, ..., d, d)``."""
+  axes = tuple(range(1, f.ndim))
+  diag = jnp.diagonal(f, axis1=-2, axis2=-1)
+  skew = f - jnp.swapaxes(f, -1, -2)
+  return jnp.concatenate(
+    [
+      scales,
+      jnp.mean(f, axis=axes),
+      jnp.mean(diag, axis=tuple(range(1, diag.ndim))),
+      jnp.sqrt(jnp.mean(jnp.square(diag), axis=tuple(range(1, diag.ndim)))),
+      jnp.sqrt(0.5 * jnp.mean(jnp.square(skew), axis=axes)),
+    ]
+  )
 
 
 def _unit_inputs(f: chex.Array, scales: chex.Array) -> chex.Array:
@@ -150,6 +159,27 @@ class _Trunk(nnx.Module):
     return self.direction(h)[..., 0], h
 
 
+class _MatrixHead(nnx.Module):
+  """Coefficients of ``A = sum_k a_k F_k + b_k F_k^T + c I`` from a matrix leaf's statistics."""
+
+  def __init__(self, hidden: int, rngs: nnx.Rngs):
+    self.a = nnx.Linear(5 * K, hidden, rngs=rngs)
+    self.b = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.coefficients = nnx.Linear(hidden, 2 * K + 1, rngs=rngs)
+    self.magnitude = nnx.Linear(hidden, 1, rngs=rngs)
+
+  def __call__(self, f, scales):
+    h = jnp.tanh(self.b(jnp.tanh(self.a(_matrix_context(f, scales)))))
+    c = self.coefficients(h)
+    eye = jnp.eye(f.shape[-1], dtype=f.dtype)
+    direction = (
+      jnp.tensordot(c[:K], f, axes=1)
+      + jnp.tensordot(c[K : 2 * K], jnp.swapaxes(f, -1, -2), axes=1)
+      + c[2 * K] * jnp.broadcast_to(eye, f.shape[1:])
+    )
+    return direction, h
+
+
 class EquivariantPolicy(nnx.Module):
   """Width-agnostic, permutation-equivariant policy over any symmetry's algebra."""
 
@@ -157,8 +187,19 @@ class EquivariantPolicy(nnx.Module):
     rngs = nnx.Rngs(config.seed)
     self.config = config
     self.units = _Trunk(3 * K, config.hidden, rngs)
-    self.entries = _Trunk(8 * K, config.hidden, rngs)
-    self.lr_head = nnx.Linear(config.hidden, 1, rngs=rngs) if config.lr_range else None
+    self.entries = _MatrixHead(config.hidden, rngs)
+    # zero weights: a new policy proposes lr_init at every step
+    self.lr_head = (
+      nnx.Linear(
+        config.hidden + 2,
+        1,
+        kernel_init=nnx.initializers.zeros,
+        bias_init=nnx.initializers.constant(_lr_bias(config)),
+        rngs=rngs,
+      )
+      if config.lr_range
+      else None
+    )
 
   def initial_carry(self):
     return ()
@@ -168,11 +209,10 @@ class EquivariantPolicy(nnx.Module):
     xis, pooled = [], []
     for f, s in zip(inputs.features.leaves, inputs.features.log_scales):
       shape = f.shape[1:]
-      s = jnp.tanh(s / 10.0)  # log-scales, squashed to a bounded input
+      s = s / _LOG_SCALE  # log-scales, to order one
       if _is_matrix(shape):
-        direction, h = self.entries(_entry_inputs(f, s))
+        direction, h = self.entries(f, s)
         trunk = self.entries
-        h = jnp.mean(h, axis=(-3, -2))
       else:
         g = f.reshape((K,) + (shape if shape else (1,)))
         direction, h = self.units(_unit_inputs(g, s))
@@ -185,7 +225,15 @@ class EquivariantPolicy(nnx.Module):
       pooled.append(h)
     lr = None
     if self.lr_head is not None:
-      lr = _lr(self.lr_head(jnp.mean(jnp.stack(pooled), axis=0))[0], cfg.lr_range)
+      # the step size also reads the scales of the loss and of the gradient (the
+      # features are scale-free): log L - log |g|^2 is the log of Polyak's step
+      log_loss = jnp.log(jnp.maximum(jnp.abs(inputs.features.loss), 1e-30))
+      sq = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(inputs.grads))
+      log_sq = jnp.log(jnp.maximum(sq, 1e-30))
+      z = jnp.concatenate(
+        [jnp.mean(jnp.stack(pooled), axis=0), jnp.stack([log_loss, log_sq]) / _LOG_SCALE]
+      )
+      lr = _lr(self.lr_head(z.astype(jnp.float32))[0], cfg.lr_range)
     return Proposal(tuple(xis), lr, carry)
 
 
@@ -201,7 +249,17 @@ class LSTMPolicy(nnx.Module):
     self.cell1 = nnx.LSTMCell(n_in, config.hidden, rngs=rngs)
     self.cell2 = nnx.LSTMCell(config.hidden, config.hidden, rngs=rngs)
     self.out = nnx.Linear(config.hidden, n_out, rngs=rngs)
-    self.lr_head = nnx.Linear(config.hidden, 1, rngs=rngs) if config.lr_range else None
+    self.lr_head = (
+      nnx.Linear(
+        config.hidden,
+        1,
+        kernel_init=nnx.initializers.zeros,
+        bias_init=nnx.initializers.constant(_lr_bias(config)),
+        rngs=rngs,
+      )
+      if config.lr_range
+      else None
+    )
 
   def initial_carry(self):
     z = jnp.zeros((self.config.hidden,), jnp.float32)
