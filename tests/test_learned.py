@@ -293,3 +293,24 @@ def test_meta_training_lowers_the_meta_loss_of_a_family_of_runs():
   # the policy passed in is unchanged
   after = jax.tree.leaves(nnx.state(policy, nnx.Param))
   assert all(np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("group", ["rescaling", "data_gl"])
+def test_the_transported_and_the_recomputed_gradient_give_the_same_step(group):
+  params, data = _problem((4, 6, 5, 2), 3, jnp.float64)
+  sym = _symmetry(group, params, data)
+  policy = L.make_policy(L.PolicyConfig(hidden=8, max_rms=1e-2))
+  kw = dict(value_fn=lambda p, x, y: _loss(p, (x, y)), x=data[0], y=data[1])
+  g = jax.grad(_loss)(params, data)
+  steps = {}
+  # the first step does not move (every(1) fires from step 1): the second one does
+  for how in ("transport", "recompute"):
+    opt = L.learned_teleport(optax.sgd(0.1), sym, policy, gradient=how)
+    state = opt.init(params)
+    _, state = opt.update(g, state, params, **kw)
+    steps[how], state = opt.update(g, state, params, **kw)
+    assert int(state.num_teleports) == 1
+  for a, b in zip(steps["transport"], steps["recompute"]):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+  with pytest.raises(ValueError, match="gradient"):
+    L.learned_teleport(optax.sgd(0.1), sym, policy, gradient="exact")

@@ -25,7 +25,7 @@ class Move(NamedTuple):
   Attributes:
     params: ``g . params``, the exact action of the proposed element.
     grads: the loss gradient at the new parameters, transported (exact for a
-      group action: no model evaluation).
+      group action: no model evaluation), or ``None`` if not asked for.
     element: the group element ``g = retract(xi)``.
     proposal: the policy's :class:`~teleport_jax.learned.Proposal` (``xi``, step size, carry).
   """
@@ -44,6 +44,7 @@ def learned_move(
   loss: chex.Array,
   carry: Any = (),
   data: Any = None,
+  transport: bool = True,
 ) -> Move:
   """Moves ``params`` by the element ``policy`` proposes from its features.
 
@@ -55,6 +56,8 @@ def learned_move(
     loss: the loss at ``params``.
     carry: the policy's recurrent state.
     data: the batch, for data-dependent groups.
+    transport: carry the gradient to the new point (``False``: ``Move.grads``
+      is ``None``, for a caller that evaluates it there).
 
   Returns:
     A :class:`Move`. It is not checked here: the caller compares the loss.
@@ -65,7 +68,9 @@ def learned_move(
   xi = jax.tree.unflatten(treedef, list(proposal.xi))
   g = symmetry.retract(xi)
   new = symmetry.act(params, g, data)
-  new_grads = state_transport.transport_cotangent(
-    grads, params, new, g, symmetry=symmetry, data=data
-  )
+  new_grads = None
+  if transport:
+    new_grads = state_transport.transport_cotangent(
+      grads, params, new, g, symmetry=symmetry, data=data
+    )
   return Move(new, new_grads, g, proposal)

@@ -67,6 +67,7 @@ def learned_teleport(
   *,
   rtol: float | None = None,
   state_policy: str = "transport",
+  gradient: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps ``optimizer`` so that a learned policy teleports before its steps.
 
@@ -74,8 +75,8 @@ def learned_teleport(
   the algebra features at ``w`` (:func:`~teleport_jax.learned.algebra_features`,
   ``O(parameters)``), proposes ``xi``, and the parameters move by the exact
   action to ``w' = retract(xi) . w``; the gradient there is the incoming one
-  transported (exact for a group action). The loss is evaluated once at ``w'``
-  (the guard): a move that changes it by more than ``rtol`` (relative), or that
+  transported (exact for a group action) or evaluated there (``gradient``).
+  The loss is evaluated once at ``w'`` (the guard): a move that changes it by more than ``rtol`` (relative), or that
   is not finite, is refused and ``w`` kept, with status and counters in the
   state. The update is then
 
@@ -99,6 +100,12 @@ def learned_teleport(
       :func:`~teleport_jax.default_rtol` of the parameters' dtype.
     state_policy: ``"transport"`` (default): the optimizer's state moves with
       the parameters (:func:`~teleport_jax.transport_state`); ``"keep"``.
+    gradient: the gradient at the moved point: ``"transport"`` (the incoming
+      one carried by the action, no model evaluation beyond the guard's
+      forward pass), ``"recompute"`` (one ``value_and_grad`` there, which is
+      also the guard's evaluation), or ``"auto"`` (default): transport for
+      data-free groups, recompute for data-dependent ones (whose transport
+      solves a linear system by several vector-Jacobian products of the action).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`LearnedTeleportState`.
@@ -124,6 +131,9 @@ def learned_teleport(
     raise TypeError(f"policy must be a flax nnx Module, got {type(policy).__name__}.")
   if state_policy not in ("transport", "keep"):
     raise ValueError(f"state_policy must be 'transport' or 'keep', got {state_policy!r}.")
+  if gradient not in ("auto", "transport", "recompute"):
+    raise ValueError(f"gradient must be 'auto', 'transport' or 'recompute', got {gradient!r}.")
+  recompute = gradient == "recompute" or (gradient == "auto" and symmetry.needs_data)
   schedule = sched_lib.as_schedule(schedule)
   graphdef, weights = nnx.split(policy)
   lr_policy = getattr(policy.config, "lr_range", None) is not None
@@ -165,8 +175,14 @@ def learned_teleport(
     def moved(_):
       loss0 = loss_fn(up, data) if value is None else jnp.asarray(value, jnp.float32)
       pol = nnx.merge(graphdef, weights)
-      mv = move_lib.learned_move(pol, sym, up, grads, loss0, state.carry, data or None)
-      loss1 = loss_fn(mv.params, data)
+      mv = move_lib.learned_move(
+        pol, sym, up, grads, loss0, state.carry, data or None, transport=not recompute
+      )
+      if recompute:
+        loss1, new_grads = jax.value_and_grad(loss_fn)(mv.params, data)
+        mv = mv._replace(grads=new_grads)
+      else:
+        loss1 = loss_fn(mv.params, data)
       drift = jnp.abs(loss1 - loss0) / jnp.maximum(jnp.abs(loss0), jnp.finfo(jnp.float32).tiny)
       finite = _finite((mv.params, mv.grads)) & jnp.isfinite(loss1)
       ok = finite & (drift <= tol)
