@@ -173,7 +173,7 @@ def learned_teleport(
     do = state.schedule(state.count)
 
     def moved(_):
-      loss0 = loss_fn(up, data) if value is None else jnp.asarray(value, jnp.float32)
+      loss0 = loss_fn(up, data) if value is None else jnp.asarray(value)
       pol = nnx.merge(graphdef, weights)
       mv = move_lib.learned_move(
         pol, sym, up, grads, loss0, state.carry, data or None, transport=not recompute
