@@ -459,7 +459,8 @@ def resolution_paragraph(records: dict) -> str:
     "*resolved* (lower/higher) when every seed's difference has one sign and lies beyond "
     "twice its standard error over the validation examples (windows). A time ratio is "
     "resolved (faster/slower) when every seed's ratio lies beyond the evaluation grid, "
-    f"1 ± eval_every / steps to target ({min(res):.2f}–{max(res):.2f} here). "
+    "1 ± eval_every / steps to target"
+    + (f" ({min(res):.2f}–{max(res):.2f} here). " if res else ". ")
     + ("; ".join(parts) + ". " if parts else "")
     + f"Of {counts['compared']} comparisons, {counts['final']} final-loss differences and "
     f"{counts['time']} time ratios are resolved; the rest are within the noise of "
