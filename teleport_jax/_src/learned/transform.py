@@ -121,9 +121,10 @@ def learned_teleport(
     >>> opt = learned.learned_teleport(optax.sgd(0.1), tj.PositiveRescaling(), policy)
     >>> state = opt.init(params)
     >>> g = jax.grad(loss)(params, x, y)
-    >>> u, state = opt.update(g, state, params, value_fn=loss, x=x, y=y)
-    >>> int(state.num_teleports)
-    1
+    >>> for _ in range(2):  # every(1) first fires at step 1
+    ...   u, state = opt.update(g, state, params, value_fn=loss, x=x, y=y)
+    >>> int(state.num_teleports), int(state.num_rejected)
+    (1, 0)
   """
   if not isinstance(symmetry, sym_lib.Symmetry):
     raise TypeError(f"symmetry must be a teleport_jax Symmetry, got {type(symmetry).__name__}.")
