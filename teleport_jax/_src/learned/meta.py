@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from teleport_jax._src.integration import balanced as bal_lib
 from teleport_jax._src.learned import move as move_lib
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
@@ -184,7 +185,7 @@ def meta_train(
     updates, opt_state = meta_opt.update(grads, opt_state, w)
     tasks = jax.lax.stop_gradient(tasks)
     # a task that diverged or went non-finite starts again from a fresh draw
-    ok = jax.vmap(_finite)(tasks[0]) & ~diverged
+    ok = jax.vmap(bal_lib._finite)(tasks[0]) & ~diverged
     tasks = jax.tree.map(lambda a, b: jnp.where(_expand(ok, a), a, b), tasks, draw(key))
     return optax.apply_updates(w, updates), opt_state, tasks, value
 
@@ -224,10 +225,6 @@ def meta_train(
   if bar is not None:
     bar.close()
   return MetaResult(nnx.merge(graphdef, weights), losses, time.perf_counter() - t0, compile_s)
-
-
-def _finite(tree) -> chex.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _expand(mask: chex.Array, like: chex.Array) -> chex.Array:

@@ -110,6 +110,14 @@ def _lr_bias(config: PolicyConfig) -> float:
   return math.log(u / (1 - u))
 
 
+def _lr_head(config: PolicyConfig, n_in: int, rngs: nnx.Rngs) -> nnx.Linear | None:
+  """The step-size head (zero weights: a new policy proposes ``lr_init``), or ``None``."""
+  if config.lr_range is None:
+    return None
+  bias = nnx.initializers.constant(_lr_bias(config))
+  return nnx.Linear(n_in, 1, kernel_init=nnx.initializers.zeros, bias_init=bias, rngs=rngs)
+
+
 def _lr(z: chex.Array, lr_range) -> chex.Array:
   lo, hi = (jnp.log(jnp.asarray(v, jnp.float32)) for v in lr_range)
   return jnp.exp(lo + jax.nn.sigmoid(z) * (hi - lo))
@@ -189,17 +197,7 @@ class EquivariantPolicy(nnx.Module):
     self.units = _Trunk(3 * K, config.hidden, rngs)
     self.entries = _MatrixHead(config.hidden, rngs)
     # zero weights: a new policy proposes lr_init at every step
-    self.lr_head = (
-      nnx.Linear(
-        config.hidden + 2,
-        1,
-        kernel_init=nnx.initializers.zeros,
-        bias_init=nnx.initializers.constant(_lr_bias(config)),
-        rngs=rngs,
-      )
-      if config.lr_range
-      else None
-    )
+    self.lr_head = _lr_head(config, config.hidden + 2, rngs)
 
   def initial_carry(self):
     return ()
@@ -249,17 +247,7 @@ class LSTMPolicy(nnx.Module):
     self.cell1 = nnx.LSTMCell(n_in, config.hidden, rngs=rngs)
     self.cell2 = nnx.LSTMCell(config.hidden, config.hidden, rngs=rngs)
     self.out = nnx.Linear(config.hidden, n_out, rngs=rngs)
-    self.lr_head = (
-      nnx.Linear(
-        config.hidden,
-        1,
-        kernel_init=nnx.initializers.zeros,
-        bias_init=nnx.initializers.constant(_lr_bias(config)),
-        rngs=rngs,
-      )
-      if config.lr_range
-      else None
-    )
+    self.lr_head = _lr_head(config, config.hidden, rngs)
 
   def initial_carry(self):
     z = jnp.zeros((self.config.hidden,), jnp.float32)

@@ -12,6 +12,7 @@ import optax
 from flax import nnx
 
 from teleport_jax._src.core import precision
+from teleport_jax._src.integration import balanced as bal_lib
 from teleport_jax._src.integration import schedules as sched_lib
 from teleport_jax._src.integration import transform as tr_lib
 from teleport_jax._src.learned import move as move_lib
@@ -48,15 +49,6 @@ class LearnedTeleportState(NamedTuple):
   num_teleports: chex.Array
   num_rejected: chex.Array
   max_rel_loss_drift: chex.Array
-
-
-def _finite(tree) -> chex.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _select(ok, a, b):
-  return jax.tree.map(lambda x, y: jnp.where(ok, x, y).astype(jnp.asarray(y).dtype), a, b)
 
 
 def learned_teleport(
@@ -185,7 +177,7 @@ def learned_teleport(
       else:
         loss1 = loss_fn(mv.params, data)
       drift = jnp.abs(loss1 - loss0) / jnp.maximum(jnp.abs(loss0), jnp.finfo(jnp.float32).tiny)
-      finite = _finite((mv.params, mv.grads)) & jnp.isfinite(loss1)
+      finite = bal_lib._finite((mv.params, mv.grads)) & jnp.isfinite(loss1)
       ok = finite & (drift <= tol)
       status = jnp.where(
         ok, int(Status.SUCCESSFUL), jnp.where(finite, int(Status.LOSS_DRIFT), int(Status.NONFINITE))
@@ -195,11 +187,11 @@ def learned_teleport(
         new_inner = state_transport.transport_state(
           inner, up, mv.params, mv.element, symmetry=sym, data=data or None
         )
-        new_inner = _select(ok, new_inner, inner)
+        new_inner = bal_lib._select(ok, new_inner, inner)
       lr = jnp.nan if mv.proposal.lr is None else mv.proposal.lr
       return (
-        _select(ok, mv.params, up),
-        _select(ok, mv.grads, grads),
+        bal_lib._select(ok, mv.params, up),
+        bal_lib._select(ok, mv.grads, grads),
         new_inner,
         mv.proposal.carry,
         jnp.asarray(lr, jnp.float32),
@@ -216,7 +208,7 @@ def learned_teleport(
       # moves the parameters where the schedule says so
       w, g, new_inner, carry, lr, status, drift = moved(None)
       keep = ~do
-      w, g, new_inner = _select(keep, (up, grads, inner), (w, g, new_inner))
+      w, g, new_inner = bal_lib._select(keep, (up, grads, inner), (w, g, new_inner))
       status = jnp.where(keep, int(Status.SKIPPED), status).astype(jnp.int32)
       drift = jnp.where(keep, 0.0, drift)
       inner = new_inner
