@@ -438,7 +438,7 @@ def resolution_paragraph(records: dict) -> str:
     ]
     ses = [e for r in rec["methods"].values() for e in r.get("final_val_se", []) if e is not None]
     parts.append(
-      f"on {_name(w)} the learning curve is read on {rec['monitor_units']} of the "
+      f"On {_name(w)} the learning curve is read on {rec['monitor_units']} of the "
       f"{rec['full_units']} validation windows (every third), the final loss on all of them "
       f"(standard error {min(ses):.3f}–{max(ses):.3f}); at the final parameters the sample "
       f"read up to {max(bias):.3f} away from the whole split"
@@ -461,7 +461,7 @@ def resolution_paragraph(records: dict) -> str:
     "resolved (faster/slower) when every seed's ratio lies beyond the evaluation grid, "
     "1 ± eval_every / steps to target"
     + (f" ({min(res):.2f}–{max(res):.2f} here). " if res else ". ")
-    + ("; ".join(parts) + ". " if parts else "")
+    + (" ".join(p + "." for p in parts) + " " if parts else "")
     + f"Of {counts['compared']} comparisons, {counts['final']} final-loss differences and "
     f"{counts['time']} time ratios are resolved; the rest are within the noise of "
     f"{len(next(iter(records.values()))['methods']['adamw']['final_val_loss'])} seeds."
