@@ -8,8 +8,11 @@ run count alike); its gradient with respect to the policy's weights, through
 the steps, the exact actions and the transported gradients, updates the policy
 with an optax meta-optimizer. The tasks then continue from where the unroll
 left them (their state is not differentiated further: truncated
-back-propagation) until ``horizon`` steps, when a new batch of tasks is drawn.
-The whole meta-step is one compiled program.
+back-propagation) until ``horizon`` steps, when that task is drawn afresh. The
+tasks' ages are staggered (task ``j`` of ``n`` starts as if ``j / n`` of the way
+through its horizon), so that every meta-batch mixes early and late phases of
+training instead of cycling through them together. The whole meta-step is one
+compiled program.
 """
 
 from __future__ import annotations
@@ -53,9 +56,18 @@ class MetaConfig:
   Attributes:
     tasks: tasks per meta-step (``vmap``-ed).
     unroll: optimizer steps per meta-step (back-propagated through).
-    horizon: steps of a task before a new batch is drawn (a multiple of ``unroll``).
+    horizon: steps of a task before it is drawn afresh (a multiple of ``unroll``;
+      the tasks' ages are staggered over it).
     meta_steps: meta-steps in all.
     meta_lr: the meta-optimizer's (Adam's) learning rate.
+    meta_lr_final: where given, the meta learning rate decays from ``meta_lr`` to
+      this over the meta-steps (cosine), so that the policy settles instead of
+      ending on the noise of its last meta-batches.
+    normalize_tasks: divide each task's meta-gradient by its norm before
+      averaging over the tasks, so that every task counts alike (without it the
+      tasks early in their runs, whose loss falls fastest, set the direction).
+    clip: the meta-gradient's global norm is clipped to this before Adam
+      (gradients through unrolled training spike); ``None``: no clipping.
     lr: the inner optimizer's step size where the policy proposes none.
     teleport: whether the policy moves the parameters (``False`` meta-trains
       its step size alone, the comparison that isolates what the move adds).
@@ -70,6 +82,9 @@ class MetaConfig:
   horizon: int = 100
   meta_steps: int = 200
   meta_lr: float = 1e-3
+  meta_lr_final: float | None = None
+  normalize_tasks: bool = True
+  clip: float | None = 1.0
   lr: float = 1e-4
   teleport: bool = True
   divergence: float = 10.0
@@ -79,6 +94,12 @@ class MetaConfig:
     for name in ("tasks", "unroll", "horizon", "meta_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"MetaConfig.{name} must be positive, got {getattr(self, name)}.")
+    if self.meta_lr_final is not None and not 0 < self.meta_lr_final <= self.meta_lr:
+      raise ValueError(
+        f"MetaConfig.meta_lr_final must lie in (0, meta_lr], got {self.meta_lr_final}."
+      )
+    if self.clip is not None and not self.clip > 0:
+      raise ValueError(f"MetaConfig.clip must be positive or None, got {self.clip}.")
     if self.horizon % self.unroll:
       raise ValueError(
         f"MetaConfig.horizon ({self.horizon}) must be a multiple of unroll ({self.unroll})."
@@ -150,44 +171,59 @@ def meta_train(
   config = MetaConfig() if config is None else config
   graphdef, weights = nnx.split(policy)
   # a non-finite meta-gradient (a task diverged) skips the update, however many in a row
-  meta_opt = optax.apply_if_finite(optax.adam(config.meta_lr), 2**30)
+  meta_lr = config.meta_lr
+  if config.meta_lr_final is not None:
+    meta_lr = optax.cosine_decay_schedule(
+      config.meta_lr, config.meta_steps, alpha=config.meta_lr_final / config.meta_lr
+    )
+  adam = optax.adam(meta_lr)
+  if config.clip is not None:
+    adam = optax.chain(optax.clip_by_global_norm(config.clip), adam)
+  meta_opt = optax.apply_if_finite(adam, 2**30)
   key = jax.random.key(config.seed)
 
-  def segment(w, tasks):
+  def one(w, params, carry, data):
+    """One task's unroll: ``(mean log loss, (params, carry, diverged))``."""
     pol = nnx.merge(graphdef, w)
-    if step is None:
-      one_step = inner_step(pol, family, config.lr, config.teleport)
-    else:
-      one_step = step(pol)
+    one_step = inner_step(pol, family, config.lr, config.teleport) if step is None else step(pol)
+    cap = config.divergence * jax.lax.stop_gradient(family.loss(params, data))
 
-    def one(params, carry, data):
-      cap = config.divergence * jax.lax.stop_gradient(family.loss(params, data))
+    def guarded(state, _):
+      # a run whose loss passed the cap stops moving: every value stays finite, and
+      # the remaining steps of the unroll count its (large) loss
+      (new, new_carry), loss = one_step(state, data)
+      stop = ~(loss < cap)
+      new = jax.tree.map(lambda a, b: jnp.where(stop, a, b), state[0], new)
+      return (new, new_carry), (loss, stop)
 
-      def guarded(state, _):
-        # a run whose loss passed the cap stops moving: every value stays finite, and
-        # the remaining steps of the unroll count its (large) loss
-        (new, new_carry), loss = one_step(state, data)
-        stop = ~(loss < cap)
-        new = jax.tree.map(lambda a, b: jnp.where(stop, a, b), state[0], new)
-        return (new, new_carry), (loss, stop)
+    (params, carry), (losses, stopped) = jax.lax.scan(
+      guarded, (params, carry), None, length=config.unroll
+    )
+    return jnp.mean(jnp.log(losses)), (params, carry, jnp.any(stopped))
 
-      (params, carry), (losses, stopped) = jax.lax.scan(
-        guarded, (params, carry), None, length=config.unroll
-      )
-      return params, carry, jnp.mean(jnp.log(losses)), jnp.any(stopped)
-
+  def meta_gradient(w, tasks):
     params, carry, data = tasks
-    params, carry, logs, diverged = jax.vmap(one)(params, carry, data)
-    return jnp.mean(logs), ((params, carry, data), diverged)
+    per_task = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(None, 0, 0, 0))
+    (logs, (params, carry, diverged)), grads = per_task(w, params, carry, data)
+    if config.normalize_tasks:
+      # every task's gradient counts alike: a task early in its run, where the loss
+      # falls fast, would otherwise outweigh the late ones
+      norms = jax.vmap(optax.tree.norm)(grads)
+      grads = jax.tree.map(lambda g: g / _expand(jnp.maximum(norms, 1e-30), g), grads)
+    grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+    return jnp.mean(logs), grads, (params, carry, data), diverged
 
-  def meta_step(w, opt_state, tasks, key):
-    (value, (tasks, diverged)), grads = jax.value_and_grad(segment, has_aux=True)(w, tasks)
+  per_task = config.horizon // config.unroll
+
+  def meta_step(w, opt_state, tasks, ages, key):
+    value, grads, tasks, diverged = meta_gradient(w, tasks)
     updates, opt_state = meta_opt.update(grads, opt_state, w)
     tasks = jax.lax.stop_gradient(tasks)
-    # a task that diverged or went non-finite starts again from a fresh draw
-    ok = jax.vmap(bal_lib._finite)(tasks[0]) & ~diverged
+    # a task at its horizon, diverged or non-finite starts again from a fresh draw
+    ok = jax.vmap(bal_lib._finite)(tasks[0]) & ~diverged & (ages + 1 < per_task)
     tasks = jax.tree.map(lambda a, b: jnp.where(_expand(ok, a), a, b), tasks, draw(key))
-    return optax.apply_updates(w, updates), opt_state, tasks, value
+    ages = jnp.where(ok, ages + 1, 0)
+    return optax.apply_updates(w, updates), opt_state, tasks, ages, value
 
   def draw(k):
     params, data = jax.vmap(family.sample)(jax.random.split(k, config.tasks))
@@ -199,19 +235,18 @@ def meta_train(
   key, sub = jax.random.split(key)
   draw_jit = jax.jit(draw)
   tasks = draw_jit(sub)
+  ages = (jnp.arange(config.tasks) * per_task) // config.tasks
   compiled = (
-    jax.jit(meta_step, donate_argnums=(1, 2)).lower(weights, opt_state, tasks, key).compile()
+    jax.jit(meta_step, donate_argnums=(1, 2, 3))
+    .lower(weights, opt_state, tasks, ages, key)
+    .compile()
   )
   compile_s = time.perf_counter() - t0
-  per_task = config.horizon // config.unroll
   bar = _bar(progress, config.meta_steps)
   losses = []
   for i in range(config.meta_steps):
-    if i and i % per_task == 0:
-      key, sub = jax.random.split(key)
-      tasks = draw_jit(sub)
     key, sub = jax.random.split(key)
-    weights, opt_state, tasks, value = compiled(weights, opt_state, tasks, sub)
+    weights, opt_state, tasks, ages, value = compiled(weights, opt_state, tasks, ages, sub)
     losses.append(value)
     if bar is not None or callback is not None:
       v = float(value)

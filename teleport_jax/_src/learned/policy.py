@@ -55,6 +55,10 @@ class PolicyConfig:
       size in this range; ``None``: it proposes none.
     lr_init: the step size a new policy proposes (inside ``lr_range``); ``None``:
       the range's geometric middle.
+    move_init: the root mean square a new equivariant policy proposes, as a
+      fraction of ``max_rms`` in ``(0, 1)`` (its magnitude heads start with zero
+      weights). A small value starts meta-training from (nearly) the step size
+      alone, so that moves grow only where they pay.
     seed: initialisation seed.
   """
 
@@ -63,6 +67,7 @@ class PolicyConfig:
   max_rms: float = 1e-3
   lr_range: tuple[float, float] | None = None
   lr_init: float | None = None
+  move_init: float = 0.5
   seed: int = 0
 
   def __post_init__(self):
@@ -72,6 +77,8 @@ class PolicyConfig:
       raise ValueError(f"PolicyConfig.hidden must be positive, got {self.hidden}.")
     if not self.max_rms > 0:
       raise ValueError(f"PolicyConfig.max_rms must be positive, got {self.max_rms}.")
+    if not 0 < self.move_init < 1:
+      raise ValueError(f"PolicyConfig.move_init must lie in (0, 1), got {self.move_init}.")
     if self.lr_range is not None:
       lo, hi = self.lr_range
       if not 0 < lo < hi:
@@ -106,8 +113,17 @@ def _lr_bias(config: PolicyConfig) -> float:
   if config.lr_init is None:
     return 0.0
   lo, hi = (math.log(v) for v in config.lr_range)
-  u = (math.log(config.lr_init) - lo) / (hi - lo)
+  return _logit((math.log(config.lr_init) - lo) / (hi - lo))
+
+
+def _logit(u: float) -> float:
   return math.log(u / (1 - u))
+
+
+def _magnitude_head(config: PolicyConfig, hidden: int, rngs: nnx.Rngs) -> nnx.Linear:
+  """The move's magnitude logit (zero weights: a new policy proposes ``move_init * max_rms``)."""
+  bias = nnx.initializers.constant(_logit(config.move_init))
+  return nnx.Linear(hidden, 1, kernel_init=nnx.initializers.zeros, bias_init=bias, rngs=rngs)
 
 
 def _lr_head(config: PolicyConfig, n_in: int, rngs: nnx.Rngs) -> nnx.Linear | None:
@@ -156,11 +172,12 @@ def _is_matrix(shape) -> bool:
 
 
 class _Trunk(nnx.Module):
-  def __init__(self, n_in: int, hidden: int, rngs: nnx.Rngs):
+  def __init__(self, n_in: int, config: PolicyConfig, rngs: nnx.Rngs):
+    hidden = config.hidden
     self.a = nnx.Linear(n_in, hidden, rngs=rngs)
     self.b = nnx.Linear(hidden, hidden, rngs=rngs)
     self.direction = nnx.Linear(hidden, 1, rngs=rngs)
-    self.magnitude = nnx.Linear(hidden, 1, rngs=rngs)
+    self.magnitude = _magnitude_head(config, hidden, rngs)
 
   def __call__(self, x):
     h = jnp.tanh(self.b(jnp.tanh(self.a(x))))
@@ -170,11 +187,12 @@ class _Trunk(nnx.Module):
 class _MatrixHead(nnx.Module):
   """Coefficients of ``A = sum_k a_k F_k + b_k F_k^T + c I`` from a matrix leaf's statistics."""
 
-  def __init__(self, hidden: int, rngs: nnx.Rngs):
+  def __init__(self, config: PolicyConfig, rngs: nnx.Rngs):
+    hidden = config.hidden
     self.a = nnx.Linear(5 * K, hidden, rngs=rngs)
     self.b = nnx.Linear(hidden, hidden, rngs=rngs)
     self.coefficients = nnx.Linear(hidden, 2 * K + 1, rngs=rngs)
-    self.magnitude = nnx.Linear(hidden, 1, rngs=rngs)
+    self.magnitude = _magnitude_head(config, hidden, rngs)
 
   def __call__(self, f, scales):
     h = jnp.tanh(self.b(jnp.tanh(self.a(_matrix_context(f, scales)))))
@@ -194,8 +212,8 @@ class EquivariantPolicy(nnx.Module):
   def __init__(self, config: PolicyConfig):
     rngs = nnx.Rngs(config.seed)
     self.config = config
-    self.units = _Trunk(3 * K, config.hidden, rngs)
-    self.entries = _MatrixHead(config.hidden, rngs)
+    self.units = _Trunk(3 * K, config, rngs)
+    self.entries = _MatrixHead(config, rngs)
     # zero weights: a new policy proposes lr_init at every step
     self.lr_head = _lr_head(config, config.hidden + 2, rngs)
 
