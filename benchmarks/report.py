@@ -1046,6 +1046,63 @@ def _emitters_sentence(recs: dict) -> str:
   )
 
 
+def learned_workloads_section(results: Path = RESULTS) -> str | None:
+  """Learned teleports on the digits workloads, from ``learned_workloads.json`` (if present)."""
+  path = results / "learned_workloads.json"
+  if not path.exists():
+    return None
+  data = json.loads(path.read_text())
+  records = data["workloads"]
+  rows = []
+  for name, rec in records.items():
+    for i, (m, r) in enumerate(rec["methods"].items()):
+      k, n = _reached(r)
+      star = " (target)" if m == rec["baseline"] else ""
+      meta = rec["meta_training"].get(m, {}).get("seconds")
+      rows.append(
+        [
+          f"{name} ({rec['target_val_loss']:.4g})" if i == 0 else "",
+          f"`{m}`{star}",
+          g(_median(r["final_val_loss"]), "{:.4g}"),
+          _paired(r),
+          f"{k} of {n}",
+          g(r["time_ratio"], "{:.2f}"),
+          " / ".join(g(x, "{:.2f}") for x in r["paired_time_ratio"]),
+          _resolved(r) if m != rec["baseline"] else "",
+          g(r["us_per_step"], "{:.0f}"),
+          g(meta, "{:.0f}"),
+        ]
+      )
+  table = _table(
+    [
+      "workload (target)",
+      "method",
+      "final val. loss",
+      "paired Δ final, median [min, max]",
+      "reached",
+      "ratio",
+      "per seed",
+      "resolved: final / time",
+      "µs per step",
+      "meta-training s",
+    ],
+    rows,
+  )
+  s = data["setting"]
+  intro = (
+    "`python -m benchmarks.learned_workloads` meta-trains, per digits workload, an "
+    "equivariant policy that proposes SGD's step size and a teleport at every step "
+    "(`learned_lr_tele`) and one that proposes the step size alone (`learned_lr`): "
+    f"{s['meta_steps']} meta-steps of {s['tasks']} training runs (unrolls of {s['unroll']} "
+    f"steps, runs of {s['horizon']} steps drawn from {s['pool']} initialisations never used "
+    "at test, a fresh minibatch at every step). It then trains the test seeds with the "
+    "workloads' tuned baselines at their stored values and with the two policies, in one "
+    "process and the workloads' own loop, and reads the ratios as the table above does "
+    "(the policy's per-step cost included; meta-training time apart)."
+  )
+  return intro + "\n\n" + table
+
+
 def page(results: Path = RESULTS) -> str:
   wl = load("workloads", results)
   records = _workloads(wl)
@@ -1094,6 +1151,11 @@ def page(results: Path = RESULTS) -> str:
     per_seed_table(records),
     resolution_paragraph(records),
     workloads_findings(records),
+    *(
+      ["## Learned teleports on the digits workloads", learned]
+      if (learned := learned_workloads_section(results))
+      else []
+    ),
     "## What a teleport costs",
     teleport_cost_section(results),
     "## CPU settings: compile time and threads",

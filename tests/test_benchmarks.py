@@ -94,6 +94,17 @@ def test_standalone_benchmarks_run_in_smoke_mode(tmp_path, name):
   assert (tmp_path / f"{name}.json").exists()
 
 
+def test_learned_workloads_benchmark_runs_in_smoke_mode(tmp_path):
+  from benchmarks import learned_workloads
+
+  result = learned_workloads.main(["--smoke", "--only", "mlp_digits", "--out", str(tmp_path)])
+  rec = result["workloads"]["mlp_digits"]
+  assert set(learned_workloads.LEARNED) <= set(rec["methods"])
+  assert set(rec["meta_training"]) == set(learned_workloads.LEARNED)
+  assert rec["methods"]["learned_lr_tele"]["max_rel_loss_drift"] <= 1e-5
+  assert (tmp_path / "learned_workloads.json").exists()
+
+
 def test_sharding_benchmark_runs_in_smoke_mode_in_its_own_process(tmp_path):
   import subprocess
 

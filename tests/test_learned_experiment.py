@@ -28,11 +28,20 @@ def test_the_published_problem_keeps_its_loss_under_the_exact_symmetry(dims):
 
 
 def test_the_learned_optimizer_is_an_optax_optimizer_whose_state_is_its_memory():
-  module = X.UpdateLSTM(6, hidden=4)
-  opt = X.learned_update(module)
   params = [jnp.ones((2, 2)), jnp.ones((2,))]
-  state = opt.init(params)
   g = [jnp.full((2, 2), 0.5), jnp.full((2,), -1.0)]
+  # a new learned optimizer is GD at its initial step size
+  fresh = X.learned_update(X.UpdateLSTM(6, hidden=4, lr_init=1e-3))
+  u, _ = fresh.update(g, fresh.init(params), params)
+  for a, b in zip(u, g):
+    np.testing.assert_allclose(a, -1e-3 * b, rtol=1e-5)
+  module = X.UpdateLSTM(6, hidden=4)
+  # trained weights (here random) make the update depend on the recurrent state
+  module.out.kernel[...] = jax.random.normal(
+    jax.random.key(0), module.out.kernel.shape, jnp.float32
+  )
+  opt = X.learned_update(module)
+  state = opt.init(params)
   u1, state = opt.update(g, state, params)
   u2, _ = opt.update(g, state, params)
   flat = jnp.concatenate([g[0].ravel(), g[1]])

@@ -654,7 +654,7 @@ class Trainer:
       final_val_se=_se(units),
       final_units=units,
     )
-    if isinstance(state, tj.TeleportState):
+    if isinstance(state, (tj.TeleportState, tj.learned.LearnedTeleportState)):
       out.update(
         teleports=int(state.num_teleports),
         rejected=int(state.num_rejected),

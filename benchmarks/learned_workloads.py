@@ -1,0 +1,283 @@
+"""Learned teleports on the digits workloads: time to target against the tuned baselines.
+
+The published learned-teleport problem (``reproduce --only learned``) is one
+full-batch regression. This benchmark asks the practical question on the
+workloads of ``benchmarks.workloads``: the digits MLP (``PositiveRescaling``)
+and the digits CNN (the symmetries ``tj.find_symmetries`` finds), minibatches
+of 64, validation loss against wall-clock.
+
+For each workload, in one process:
+
+1. **Meta-training** (timed, reported apart): an equivariant policy proposing a
+   step size and a teleport is meta-trained on training runs of the workload
+   (initialisations drawn from a pool never used at test, minibatches drawn
+   afresh at every step, plain SGD at the policy's step size, the loss the
+   minibatch's), and so is a policy proposing the step size alone;
+2. **Evaluation**: the workloads' tuned baselines (AdamW, SGD with Nesterov
+   momentum, AdamW with norm balancing, AdamW with per-layer step factors, at
+   their stored tuned values, with their schedules) and the learned methods
+   train the same seeds with the workloads' ``Trainer``: the same minibatches,
+   the same compiled chunks, the same validation curve.
+
+   * ``learned_lr``: SGD at the policy's step size, no move;
+   * ``learned_lr_tele``: SGD at the policy's step size after the policy's
+     teleport at every step, inside ``learned_teleport`` (the guard).
+
+The target and the ratios are those of ``benchmarks.workloads``: the target is
+the best baseline's median final validation loss; a time ratio is a method's
+median time to target over the best baseline's, the policy's per-step cost
+included; per-seed ratios and whether they are resolved (beyond the
+evaluation grid) are printed beside it.
+
+Results: ``benchmarks/results/learned_workloads.json``.
+
+Usage::
+
+  python -m benchmarks.learned_workloads [--quick] [--only NAME ...] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks import _common as C  # noqa: E402
+from teleport_jax import learned as L  # noqa: E402
+from teleport_jax.experiments import common  # noqa: E402
+from teleport_jax.experiments import workloads as wl_lib  # noqa: E402
+
+common.prefer_xla_cpu_dots()
+
+NAMES = ("mlp_digits", "cnn_digits")
+BASELINES = ("adamw", "sgd_nesterov", "norm_balance", "per_layer_lr")
+LEARNED = ("learned_lr", "learned_lr_tele")
+POOL_SEED = 5000  # meta-training initialisations: seeds POOL_SEED + i (the test seeds are 0, 1, 2)
+SETTINGS = {
+  "full": dict(meta_steps=400, pool=32, tasks=8, unroll=10, horizon=200),
+  "quick": dict(meta_steps=100, pool=8, tasks=4, unroll=10, horizon=100),
+  "smoke": dict(meta_steps=2, pool=2, tasks=2, unroll=2, horizon=4),
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+class Stepper(nnx.Module):
+  """A policy and a step counter: the counter picks each step's minibatch."""
+
+  def __init__(self, policy: nnx.Module):
+    self.policy = policy
+
+  def initial_carry(self):
+    return (self.policy.initial_carry(), jnp.zeros((), jnp.int32))
+
+
+def family(wl: wl_lib.Workload, pool: int) -> L.TaskFamily:
+  """Training runs of ``wl``: an initialisation from the pool and a minibatch stream.
+
+  A task's ``data`` is the raw key of its minibatch stream; its loss (for the
+  divergence barrier) is that of the stream's first minibatch.
+  """
+  inits = [wl.init(POOL_SEED + i) for i in range(pool)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *inits)
+
+  def sample(key):
+    k1, k2 = jax.random.split(key)
+    i = jax.random.randint(k1, (), 0, pool)
+    return jax.tree.map(lambda a: a[i], stacked), jax.random.key_data(k2)
+
+  def loss(params, raw):
+    x, y = wl.sample(wl.train, jax.random.wrap_key_data(raw))
+    return wl.loss(params, x, y)
+
+  return L.TaskFamily(sample, loss, wl.symmetry)
+
+
+def sgd_step(wl: wl_lib.Workload, teleport: bool):
+  """``meta_train``'s step: a fresh minibatch, the policy's move (if ``teleport``), SGD."""
+
+  def make(module: Stepper):
+    def step(state, raw):
+      params, (carry, count) = state
+      key = jax.random.fold_in(jax.random.wrap_key_data(raw), count)
+      x, y = wl.sample(wl.train, key)
+      loss, grads = jax.value_and_grad(wl.loss)(params, x, y)
+      mv = L.learned_move(module.policy, wl.symmetry, params, grads, loss, carry)
+      at, g = (mv.params, mv.grads) if teleport else (params, grads)
+      new = jax.tree.map(lambda w, c: w - mv.proposal.lr * c, at, g)
+      return (new, (mv.proposal.carry, count + 1)), loss
+
+    return step
+
+  return make
+
+
+def lr_init(wl_name: str) -> float:
+  """The step size a new policy proposes: the tuned SGD-Nesterov step (without momentum's
+  1 / (1 - 0.9), which plain SGD does not have)."""
+  return float(wl_lib.load_tuned()["full"][wl_name]["sgd_nesterov"]["hp"]["lr"])
+
+
+def meta_train(wl: wl_lib.Workload, setting: dict, teleport: bool, seed: int = 0):
+  lr0 = lr_init(wl.name)
+  cfg = L.PolicyConfig(
+    hidden=32,
+    max_rms=0.1,  # log-scales: a tenth per step at most
+    move_init=0.1,
+    lr_range=(lr0 / 30, lr0 * 30),
+    lr_init=lr0,
+    seed=seed,
+  )
+  module = Stepper(L.make_policy(cfg))
+  meta = L.MetaConfig(
+    tasks=setting["tasks"],
+    unroll=setting["unroll"],
+    horizon=setting["horizon"],
+    meta_steps=setting["meta_steps"],
+    meta_lr=3e-3,
+    meta_lr_final=3e-4,
+    seed=seed,
+  )
+  res = L.meta_train(module, family(wl, setting["pool"]), meta, step=sgd_step(wl, teleport))
+  return res.policy.policy, res
+
+
+def step_size_only(policy: nnx.Module, symmetry) -> optax.GradientTransformationExtraArgs:
+  """SGD at the policy's proposed step size; the policy moves nothing."""
+  graphdef, weights = nnx.split(policy)
+
+  def init(params):
+    del params
+    return policy.initial_carry()
+
+  def update(grads, carry, params=None, *, value, **extra):
+    del extra
+    feats = L.algebra_features(symmetry, params, grads, value)
+    prop = nnx.merge(graphdef, weights)(L.PolicyInputs(feats, grads), carry)
+    return jax.tree.map(lambda g: -prop.lr * g, grads), prop.carry
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def learned_method(name: str, policy: nnx.Module) -> wl_lib.Method:
+  if name == "learned_lr":
+    return wl_lib.Method(
+      name,
+      "learned",
+      {},
+      lambda hp, lr, wl: step_size_only(policy, wl.symmetry),
+      "SGD at a meta-trained policy's step size",
+    )
+  return wl_lib.Method(
+    name,
+    "teleport",
+    {},
+    lambda hp, lr, wl: L.learned_teleport(optax.sgd(1.0), wl.symmetry, policy),
+    "SGD at a meta-trained policy's step size after its teleport at every step "
+    "(learned_teleport, the guard)",
+  )
+
+
+def run_workload(name: str, mode: str, setting: dict) -> dict:
+  wl = wl_lib.make_workload(name, mode)
+  tuned = wl_lib.load_tuned()["full"][name]  # the values tuned at full length
+  meta = {}
+  policies = {}
+  for m, teleport in (("learned_lr", False), ("learned_lr_tele", True)):
+    t = time.perf_counter()
+    policies[m], res = meta_train(wl, setting, teleport)
+    meta[m] = dict(
+      seconds=time.perf_counter() - t,
+      compile_s=res.compile_seconds,
+      meta_loss_first=float(np.mean(np.asarray(res.losses)[:10])),
+      meta_loss_last=float(np.mean(np.asarray(res.losses)[-10:])),
+    )
+    print(f"  meta-trained {m}: {meta[m]['seconds']:.0f} s", flush=True)
+  seeds = range(wl_lib.SIZES[mode]["seeds"])
+  out = {}
+  for m in BASELINES + LEARNED:
+    method = wl_lib.METHODS[m] if m in BASELINES else learned_method(m, policies[m])
+    trainer = wl_lib.Trainer(wl, method)
+    hp = tuned[m]["hp"] if m in BASELINES else {}
+    runs = [trainer.run(hp, s) for s in seeds]
+    out[m] = dict(
+      kind=method.kind,
+      description=method.description,
+      hp=hp,
+      compile_s=trainer.compile_s,
+      runs=runs,
+    )
+    print(f"  evaluated {m}", flush=True)
+  rec = wl_lib.summarise(wl, out)
+  for m, r in rec["methods"].items():
+    if m not in LEARNED + (rec["baseline"],):
+      r.pop("curves", None)
+    r["us_per_step"] = 1e6 * statistics.median(r["train_time_s"]) / wl.steps
+  rec["meta_training"] = meta
+  return rec
+
+
+def rows(records: dict) -> list[dict]:
+  out = []
+  for name, rec in records.items():
+    for m, r in rec["methods"].items():
+      finals = [f for f in r["final_val_loss"] if f is not None]
+      out.append(
+        dict(
+          workload=name,
+          method=m + (" (target)" if m == rec["baseline"] else ""),
+          time_ratio="not reached" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}x",
+          per_seed=" / ".join(C.fmt(x) for x in r["paired_time_ratio"]),
+          resolved=r["resolved_time"],
+          final_val_loss=statistics.median(finals) if finals else None,
+          us_per_step=r["us_per_step"],
+          meta_train_s=rec["meta_training"].get(m, {}).get("seconds"),
+        )
+      )
+  return out
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  group = ap.add_mutually_exclusive_group()
+  group.add_argument("--quick", action="store_true")
+  group.add_argument("--smoke", action="store_true")
+  ap.add_argument("--only", nargs="+", choices=NAMES)
+  ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+  args = ap.parse_args(argv)
+  mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+  setting = SETTINGS[mode]
+  records = {}
+  t0 = time.perf_counter()
+  for name in args.only or NAMES:
+    print(f"{name} ({mode})", flush=True)
+    records[name] = run_workload(name, mode, setting)
+  title = "learned teleports on the digits workloads (median of seeds)"
+  result = dict(
+    suite="learned_workloads",
+    mode=mode,
+    setting=setting,
+    tables=[dict(title=title, rows=rows(records))],
+    wall_s=time.perf_counter() - t0,
+    machine=C.machine_info(),
+    workloads=records,
+  )
+  print(C.format_table(title, result["tables"][0]["rows"]))
+  path = args.out / "learned_workloads.json"
+  C.write_json(path, result)
+  print(f"wrote {path}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
