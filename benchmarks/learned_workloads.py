@@ -219,10 +219,14 @@ def run_workload(name: str, mode: str, setting: dict) -> dict:
     )
     print(f"  evaluated {m}", flush=True)
   rec = wl_lib.summarise(wl, out)
+  for m, o in out.items():
+    # per step actually run: a run stops at its first non-finite validation loss
+    rec["methods"][m]["us_per_step"] = 1e6 * statistics.median(
+      r["time_s"][-1] / ((len(r["time_s"]) - 1) * wl.eval_every) for r in o["runs"]
+    )
   for m, r in rec["methods"].items():
     if m not in LEARNED + (rec["baseline"],):
       r.pop("curves", None)
-    r["us_per_step"] = 1e6 * statistics.median(r["train_time_s"]) / wl.steps
   rec["meta_training"] = meta
   return rec
 
