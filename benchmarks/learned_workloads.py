@@ -128,11 +128,13 @@ def lr_init(wl_name: str) -> float:
   return float(wl_lib.load_tuned()["full"][wl_name]["sgd_nesterov"]["hp"]["lr"])
 
 
-def meta_train(wl: wl_lib.Workload, setting: dict, teleport: bool, seed: int = 0):
+def meta_train(
+  wl: wl_lib.Workload, setting: dict, teleport: bool, seed: int = 0, max_rms: float = 0.1
+):
   lr0 = lr_init(wl.name)
   cfg = L.PolicyConfig(
     hidden=32,
-    max_rms=0.1,  # log-scales: a tenth per step at most
+    max_rms=max_rms,  # log-scales: a tenth per step at most (default)
     move_init=0.1,
     lr_range=(lr0 / 30, lr0 * 30),
     lr_init=lr0,

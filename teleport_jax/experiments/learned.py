@@ -207,7 +207,7 @@ class UpdateLSTM(nnx.Module):
 
   def __call__(self, flat_grad, carry):
     rms = jnp.sqrt(jnp.mean(jnp.square(flat_grad)) + 1e-30)
-    x = jnp.concatenate([flat_grad / rms, jnp.log(rms)[None] / 20.0])
+    x = jnp.concatenate([flat_grad / rms, jnp.log(rms)[None] / 20.0]).astype(jnp.float32)
     c1, h = self.cell1(carry[0], x)
     c2, h = self.cell2(carry[1], h)
     lr = policy_lib._lr(self.lr_head(h)[0], self.lr_range)
@@ -276,10 +276,11 @@ class MomentumTeleport(nnx.Module):
   def __init__(self, policy: nnx.Module, params: chex.ArrayTree):
     self.policy = policy
     self.shapes = tuple(tuple(int(k) for k in jnp.shape(a)) for a in jax.tree.leaves(params))
+    self.dtypes = tuple(str(jnp.asarray(a).dtype) for a in jax.tree.leaves(params))
     self.treedef = jax.tree.structure(params)
 
   def initial_carry(self):
-    zeros = [jnp.zeros(s, jnp.float32) for s in self.shapes]
+    zeros = [jnp.zeros(s, d) for s, d in zip(self.shapes, self.dtypes)]
     return (self.policy.initial_carry(), jax.tree.unflatten(self.treedef, zeros))
 
 
