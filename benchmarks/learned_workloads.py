@@ -56,6 +56,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from teleport_jax import learned as L  # noqa: E402
 from teleport_jax.experiments import common  # noqa: E402
+from teleport_jax.experiments import learned as learned_lib  # noqa: E402
 from teleport_jax.experiments import workloads as wl_lib  # noqa: E402
 
 common.prefer_xla_cpu_dots()
@@ -104,18 +105,18 @@ def family(wl: wl_lib.Workload, pool: int) -> L.TaskFamily:
 
 
 def sgd_step(wl: wl_lib.Workload, teleport: bool):
-  """``meta_train``'s step: a fresh minibatch, the policy's move (if ``teleport``), SGD."""
+  """``meta_train``'s step: a fresh minibatch, then ``tj.learned.inner_step`` on it (the
+  policy's move if ``teleport``, SGD at its step size)."""
+  batch_family = L.TaskFamily(None, lambda p, batch: wl.loss(p, *batch), wl.symmetry)
 
   def make(module: Stepper):
+    inner = L.inner_step(module.policy, batch_family, base_lr=None, teleport=teleport)
+
     def step(state, raw):
       params, (carry, count) = state
-      key = jax.random.fold_in(jax.random.wrap_key_data(raw), count)
-      x, y = wl.sample(wl.train, key)
-      loss, grads = jax.value_and_grad(wl.loss)(params, x, y)
-      mv = L.learned_move(module.policy, wl.symmetry, params, grads, loss, carry)
-      at, g = (mv.params, mv.grads) if teleport else (params, grads)
-      new = jax.tree.map(lambda w, c: w - mv.proposal.lr * c, at, g)
-      return (new, (mv.proposal.carry, count + 1)), loss
+      batch = wl.sample(wl.train, jax.random.fold_in(jax.random.wrap_key_data(raw), count))
+      (new, carry), loss = inner((params, carry), batch)
+      return (new, (carry, count + 1)), loss
 
     return step
 
@@ -154,30 +155,13 @@ def meta_train(
   return res.policy.policy, res
 
 
-def step_size_only(policy: nnx.Module, symmetry) -> optax.GradientTransformationExtraArgs:
-  """SGD at the policy's proposed step size; the policy moves nothing."""
-  graphdef, weights = nnx.split(policy)
-
-  def init(params):
-    del params
-    return policy.initial_carry()
-
-  def update(grads, carry, params=None, *, value, **extra):
-    del extra
-    feats = L.algebra_features(symmetry, params, grads, value)
-    prop = nnx.merge(graphdef, weights)(L.PolicyInputs(feats, grads), carry)
-    return jax.tree.map(lambda g: -prop.lr * g, grads), prop.carry
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
 def learned_method(name: str, policy: nnx.Module) -> wl_lib.Method:
   if name == "learned_lr":
     return wl_lib.Method(
       name,
       "learned",
       {},
-      lambda hp, lr, wl: step_size_only(policy, wl.symmetry),
+      lambda hp, lr, wl: learned_lib.learned_step_size(wl.symmetry, policy),
       "SGD at a meta-trained policy's step size",
     )
   return wl_lib.Method(
@@ -209,16 +193,8 @@ def run_workload(name: str, mode: str, setting: dict) -> dict:
   out = {}
   for m in BASELINES + LEARNED:
     method = wl_lib.METHODS[m] if m in BASELINES else learned_method(m, policies[m])
-    trainer = wl_lib.Trainer(wl, method)
     hp = tuned[m]["hp"] if m in BASELINES else {}
-    runs = [trainer.run(hp, s) for s in seeds]
-    out[m] = dict(
-      kind=method.kind,
-      description=method.description,
-      hp=hp,
-      compile_s=trainer.compile_s,
-      runs=runs,
-    )
+    out[m] = wl_lib.evaluate(wl_lib.Trainer(wl, method), hp, seeds)
     print(f"  evaluated {m}", flush=True)
   rec = wl_lib.summarise(wl, out)
   for m, o in out.items():

@@ -514,14 +514,19 @@ def evaluate(method: str, trained: dict, size: dict) -> dict:
 
 
 def learned_step_size(symmetry, policy: nnx.Module) -> optax.GradientTransformation:
-  """``lr``'s optimizer: SGD at the policy's proposed step size; the policy moves nothing."""
+  """``lr``'s optimizer: SGD at the policy's proposed step size; the policy moves nothing.
+
+  Its update takes the loss as ``value=`` and, for data-dependent groups, the batch
+  as ``data=``; other keyword arguments (a ``value_fn``, the batch by name) are ignored.
+  """
   graphdef, weights = nnx.split(policy)
 
   def init(params):
     del params
     return policy.initial_carry()
 
-  def update(grads, carry, params=None, *, value, data):
+  def update(grads, carry, params=None, *, value, data=None, **extra):
+    del extra
     feats = L.algebra_features(symmetry, params, grads, value, data)
     prop = nnx.merge(graphdef, weights)(L.PolicyInputs(feats, grads), carry)
     return jax.tree.map(lambda g: -prop.lr * g, grads), prop.carry

@@ -741,6 +741,23 @@ def save_tuned(tuned: dict) -> None:
   TUNED_PATH.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
+def evaluate(trainer: Trainer, hp: dict, seeds, progress=None) -> dict:
+  """``trainer``'s method run at ``hp`` on every seed: the record :func:`summarise` reads."""
+  runs = []
+  for s in seeds:
+    runs.append(trainer.run(hp, s))
+    if progress is not None:
+      progress.update()
+  method = trainer.method
+  return dict(
+    kind=method.kind,
+    description=method.description,
+    hp=hp,
+    compile_s=trainer.compile_s,
+    runs=runs,
+  )
+
+
 def run_workload(
   name: str,
   mode: str = "full",
@@ -787,19 +804,7 @@ def run_workload(
         on_tuned()
   for mname in names:
     method, trainer = METHODS[mname], trainers[mname]
-    hp = stored[method.tuned_as or mname]["hp"]
-    runs = []
-    for s in seeds:
-      runs.append(trainer.run(hp, s))
-      if progress is not None:
-        progress.update()
-    out[mname] = dict(
-      kind=method.kind,
-      description=method.description,
-      hp=hp,
-      compile_s=trainer.compile_s,
-      runs=runs,
-    )
+    out[mname] = evaluate(trainer, stored[method.tuned_as or mname]["hp"], seeds, progress)
   # what the wrapper costs in a compiled loop when it never teleports: AdamW's
   # tuned values, the idle wrapper and plain AdamW timed back to back, twice
   # (the schedule inside the program, as a plain compiled loop has it; and the

@@ -122,12 +122,13 @@ class MetaResult(NamedTuple):
   compile_seconds: float
 
 
-def inner_step(policy, family: TaskFamily, base_lr: float, teleport: bool = True):
+def inner_step(policy, family: TaskFamily, base_lr: float | None, teleport: bool = True):
   """``step((params, carry), data) -> ((params', carry'), loss)``: one plain-SGD step of a task.
 
   With ``teleport`` the policy's move comes first (from the point and gradient
   of this step), then the step from the moved point with the transported
-  gradient, at the policy's step size if it proposes one.
+  gradient, at the policy's step size if it proposes one, else at ``base_lr``
+  (which may be ``None`` only for a policy that proposes one).
   """
 
   def step(state, data):
