@@ -45,6 +45,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -53,6 +54,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import teleport_jax as tj  # noqa: E402
 from benchmarks import _common as C  # noqa: E402
 from teleport_jax import learned as L  # noqa: E402
 from teleport_jax.experiments import common  # noqa: E402
@@ -63,12 +65,12 @@ common.prefer_xla_cpu_dots()
 
 NAMES = ("mlp_digits", "cnn_digits")
 BASELINES = ("adamw", "sgd_nesterov", "norm_balance", "per_layer_lr")
-LEARNED = ("learned_lr", "learned_lr_tele")
+LEARNED = ("learned_lr", "learned_lr_tele", "learned_tele_adamw")
 POOL_SEED = 5000  # meta-training initialisations: seeds POOL_SEED + i (the test seeds are 0, 1, 2)
 SETTINGS = {
-  "full": dict(meta_steps=400, pool=32, tasks=8, unroll=10, horizon=200),
-  "quick": dict(meta_steps=100, pool=8, tasks=4, unroll=10, horizon=100),
-  "smoke": dict(meta_steps=2, pool=2, tasks=2, unroll=2, horizon=4),
+  "full": dict(meta_steps=400, pool=32, tasks=8, unroll=10, horizon=200, norm_penalty=0.1),
+  "quick": dict(meta_steps=100, pool=8, tasks=4, unroll=10, horizon=100, norm_penalty=0.1),
+  "smoke": dict(meta_steps=2, pool=2, tasks=2, unroll=2, horizon=4, norm_penalty=0.1),
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -104,23 +106,29 @@ def family(wl: wl_lib.Workload, pool: int) -> L.TaskFamily:
   return L.TaskFamily(sample, loss, wl.symmetry)
 
 
-def sgd_step(wl: wl_lib.Workload, teleport: bool):
-  """``meta_train``'s step: a fresh minibatch, then ``tj.learned.inner_step`` on it (the
-  policy's move if ``teleport``, SGD at its step size)."""
+def minibatch_step(wl: wl_lib.Workload, inner: Callable):
+  """``meta_train``'s step: a fresh minibatch, then ``inner(policy, family)``'s step on it
+  (``tj.learned.inner_step``: SGD; ``tj.learned.optimizer_step``: an optax optimizer)."""
   batch_family = L.TaskFamily(None, lambda p, batch: wl.loss(p, *batch), wl.symmetry)
 
   def make(module: Stepper):
-    inner = L.inner_step(module.policy, batch_family, base_lr=None, teleport=teleport)
+    one = inner(module.policy, batch_family)
 
     def step(state, raw):
       params, (carry, count) = state
       batch = wl.sample(wl.train, jax.random.fold_in(jax.random.wrap_key_data(raw), count))
-      (new, carry), loss = inner((params, carry), batch)
+      (new, carry), loss = one((params, carry), batch)
       return (new, (carry, count + 1)), loss
 
     return step
 
   return make
+
+
+def tuned_adamw(wl: wl_lib.Workload) -> tuple[dict, optax.GradientTransformation]:
+  """The workload's tuned AdamW (its stored values and schedule)."""
+  hp = wl_lib.load_tuned()["full"][wl.name]["adamw"]["hp"]
+  return hp, wl_lib.METHODS["adamw"].build(hp, wl_lib.lr_schedule(hp, wl), wl)
 
 
 def lr_init(wl_name: str) -> float:
@@ -130,28 +138,45 @@ def lr_init(wl_name: str) -> float:
 
 
 def meta_train(
-  wl: wl_lib.Workload, setting: dict, teleport: bool, seed: int = 0, max_rms: float = 0.1
+  wl: wl_lib.Workload, setting: dict, method: str, seed: int = 0, max_rms: float = 0.1
 ):
+  """Meta-trains the policy of ``method`` (one of :data:`LEARNED`) on runs of ``wl``."""
+  teleport = method != "learned_lr"
+  on_adamw = method == "learned_tele_adamw"
   lr0 = lr_init(wl.name)
   cfg = L.PolicyConfig(
     hidden=32,
     max_rms=max_rms,  # log-scales: a tenth per step at most (default)
     move_init=0.1,
-    lr_range=(lr0 / 30, lr0 * 30),
-    lr_init=lr0,
+    lr_range=None if on_adamw else (lr0 / 30, lr0 * 30),
+    lr_init=None if on_adamw else lr0,
     seed=seed,
   )
   module = Stepper(L.make_policy(cfg))
   meta = L.MetaConfig(
     tasks=setting["tasks"],
     unroll=setting["unroll"],
-    horizon=setting["horizon"],
+    # on AdamW, runs as long as the test's: its step-size schedule spans the run
+    horizon=wl.steps if on_adamw else setting["horizon"],
     meta_steps=setting["meta_steps"],
     meta_lr=3e-3,
     meta_lr_final=3e-4,
+    # a teleporting policy pays for the growth of the parameters' norm over an
+    # unroll: the moves the loss does not see would otherwise run away
+    norm_penalty=setting["norm_penalty"] if teleport else 0.0,
     seed=seed,
   )
-  res = L.meta_train(module, family(wl, setting["pool"]), meta, step=sgd_step(wl, teleport))
+  fam = family(wl, setting["pool"])
+  if on_adamw:
+    _, adamw = tuned_adamw(wl)
+    step = minibatch_step(wl, lambda pol, f: L.optimizer_step(pol, f, adamw))
+    carry = L.optimizer_carry(module.policy, adamw)
+    res = L.meta_train(
+      module, fam, meta, step=step, init_carry=lambda p: (carry(p), jnp.zeros((), jnp.int32))
+    )
+  else:
+    step = minibatch_step(wl, lambda pol, f: L.inner_step(pol, f, base_lr=None, teleport=teleport))
+    res = L.meta_train(module, fam, meta, step=step)
   return res.policy.policy, res
 
 
@@ -163,6 +188,20 @@ def learned_method(name: str, policy: nnx.Module) -> wl_lib.Method:
       {},
       lambda hp, lr, wl: learned_lib.learned_step_size(wl.symmetry, policy),
       "SGD at a meta-trained policy's step size",
+    )
+  if name == "learned_tele_adamw":
+    return wl_lib.Method(
+      name,
+      "teleport",
+      wl_lib.METHODS["adamw"].space,
+      lambda hp, lr, wl: L.learned_teleport(
+        wl_lib.METHODS["adamw"].build(hp, lr, wl),
+        wl.symmetry,
+        policy,
+        schedule=tj.every(1, start=0),
+      ),
+      "tuned AdamW after a meta-trained policy's teleport at every step, its state "
+      "transported (learned_teleport, the guard)",
     )
   return wl_lib.Method(
     name,
@@ -179,9 +218,9 @@ def run_workload(name: str, mode: str, setting: dict) -> dict:
   tuned = wl_lib.load_tuned()["full"][name]  # the values tuned at full length
   meta = {}
   policies = {}
-  for m, teleport in (("learned_lr", False), ("learned_lr_tele", True)):
+  for m in LEARNED:
     t = time.perf_counter()
-    policies[m], res = meta_train(wl, setting, teleport)
+    policies[m], res = meta_train(wl, setting, m)
     meta[m] = dict(
       seconds=time.perf_counter() - t,
       compile_s=res.compile_seconds,
@@ -193,7 +232,7 @@ def run_workload(name: str, mode: str, setting: dict) -> dict:
   out = {}
   for m in BASELINES + LEARNED:
     method = wl_lib.METHODS[m] if m in BASELINES else learned_method(m, policies[m])
-    hp = tuned[m]["hp"] if m in BASELINES else {}
+    hp = tuned[m]["hp"] if m in BASELINES else tuned["adamw"]["hp"] if "adamw" in m else {}
     out[m] = wl_lib.evaluate(wl_lib.Trainer(wl, method), hp, seeds)
     print(f"  evaluated {m}", flush=True)
   rec = wl_lib.summarise(wl, out)
@@ -236,9 +275,18 @@ def main(argv=None) -> dict:
   group.add_argument("--smoke", action="store_true")
   ap.add_argument("--only", nargs="+", choices=NAMES)
   ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+  ap.add_argument(
+    "--norm-penalty",
+    type=float,
+    default=None,
+    help="weight of the norm-growth term in the teleporting policy's meta-loss "
+    "(default 0.1; 0 reproduces the runs that diverge)",
+  )
   args = ap.parse_args(argv)
   mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-  setting = SETTINGS[mode]
+  setting = dict(SETTINGS[mode])
+  if args.norm_penalty is not None:
+    setting["norm_penalty"] = args.norm_penalty
   records = {}
   t0 = time.perf_counter()
   for name in args.only or NAMES:

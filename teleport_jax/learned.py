@@ -19,6 +19,8 @@ from teleport_jax._src.learned.meta import MetaResult
 from teleport_jax._src.learned.meta import TaskFamily
 from teleport_jax._src.learned.meta import inner_step
 from teleport_jax._src.learned.meta import meta_train
+from teleport_jax._src.learned.meta import optimizer_carry
+from teleport_jax._src.learned.meta import optimizer_step
 from teleport_jax._src.learned.move import Move
 from teleport_jax._src.learned.move import learned_move
 from teleport_jax._src.learned.policy import EquivariantPolicy
@@ -50,5 +52,7 @@ __all__ = (
   "load_policy",
   "make_policy",
   "meta_train",
+  "optimizer_carry",
+  "optimizer_step",
   "save_policy",
 )

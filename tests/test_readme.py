@@ -163,6 +163,46 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", _saved_cache[1])
 """
 
 
+# the published toy problem of docs/learned.md's first block (its definitions, without its
+# meta-training)
+_LEARNED_SETUP = """
+import jax, jax.numpy as jnp, optax
+import teleport_jax as tj
+from teleport_jax import learned
+
+
+def loss(params, x, y):
+  h = jax.nn.leaky_relu(x @ params[0], 0.1)
+  return 0.5 * jnp.sum((h @ params[1] - y) ** 2)
+
+
+def sample(key):
+  k = jax.random.split(key, 4)
+  params = [jax.random.uniform(k[0], (20, 20)), jax.random.uniform(k[1], (20, 20))]
+  return params, (jax.random.uniform(k[2], (20, 20)), jax.random.uniform(k[3], (20, 20)))
+
+
+def task_loss(params, data):
+  return loss(params, *data)
+
+
+params, (x, y) = sample(jax.random.key(0))
+symmetry = tj.DataDependentGL(activation=tj.activations.leaky_relu(0.1))
+symmetry = symmetry.bind(task_loss, params, (x, y))
+"""
+
+_LEARNED_OPTIMIZER_TEARDOWN = """
+import numpy as np
+
+assert np.isfinite(np.asarray(result.losses)).all()
+state = opt.init(params)
+value, grads = jax.value_and_grad(loss)(params, x, y)
+updates, state = opt.update(grads, state, params, value=value, value_fn=loss, x=x, y=y)
+# the policy moved before Adam's first step, within the guard
+assert int(state.num_teleports) == 1 and int(state.num_rejected) == 0
+"""
+
+
 @dataclasses.dataclass(frozen=True)
 class Fixture:
   setup: str = ""
@@ -178,6 +218,9 @@ FIXTURES: dict[str, Fixture] = {
     skip="needs 8 devices: tests/test_sharding.py runs this block on 8 emulated CPU devices "
     "in its own process (tests/sharded/test_sharded.py::"
     "test_the_multiple_devices_example_runs_and_keeps_its_shardings)"
+  ),
+  "docs/learned.md#around-any-optax-optimizer": Fixture(
+    setup=_LEARNED_SETUP, teardown=_LEARNED_OPTIMIZER_TEARDOWN
   ),
   "docs/usage.md#compile-time": Fixture(setup=_CACHE_SETUP, teardown=_CACHE_TEARDOWN),
   "docs/usage.md#steps-that-do-not-teleport": Fixture(

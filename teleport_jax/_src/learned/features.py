@@ -22,7 +22,13 @@ orbit's tangent map:
 All three cost one linearisation of the action (``O(parameters)``), whatever
 the model. Each leaf's features are divided by their root mean square over the
 leaf (a policy then sees directions, at any scale of training), and the
-``log`` of that root mean square is returned beside them.
+``log`` of that root mean square is returned beside them. A feature whose root
+mean square is below ``100 eps`` (of the parameters' dtype) times its natural
+scale (the mean square of the weights, of the gradient, or their geometric
+mean) is set to zero: for a linear action (rescalings, GL on linear layers)
+``cross`` vanishes identically, and its rounding noise, normalised, would read
+as a signal. The log-scales stop at ``SCALE_FLOOR`` times the natural scale, so
+that a vanished feature reads the same in float32 and float64.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
 FEATURES = ("weights", "grad_norm", "cross")
+SCALE_FLOOR = 1e-4  # relative to a feature's natural scale, the smallest log-scale reported
 
 
 class Features(NamedTuple):
@@ -55,7 +63,10 @@ class Features(NamedTuple):
 
 
 def _rms(x: chex.Array) -> chex.Array:
-  return jnp.sqrt(jnp.mean(jnp.square(x)))
+  # finite derivative at zero (a feature that vanishes): sqrt's is infinite there
+  ms = jnp.mean(jnp.square(x))
+  positive = ms > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, ms, 1.0)), 0.0)
 
 
 def algebra_features(
@@ -74,7 +85,7 @@ def algebra_features(
     grads: the loss gradient at ``params``, a pytree like ``params``.
     loss: the loss at ``params``.
     data: the batch, for data-dependent groups.
-    eps: floor of the root mean square a feature is divided by.
+    eps: absolute floor of the root mean square a feature is divided by.
 
   Returns:
     :class:`Features`, one entry per leaf of ``symmetry.algebra_zeros(params)``.
@@ -97,9 +108,22 @@ def algebra_features(
   (grad_norm,) = pullback((zeros, grads))
   (cross,) = pullback((zeros, params))
   grad_norm = jax.tree.map(jnp.negative, grad_norm)
+  # a feature that vanishes identically (``cross`` of a linear action: by invariance the
+  # gradient is orthogonal to the orbit) is rounding noise; divided by its root mean
+  # square it would read as a unit-size signal. Below ``floor`` times its natural
+  # scale it reads as zero.
+  dtype = jnp.result_type(*jax.tree.leaves(params))
+  floor = 100 * jnp.finfo(dtype).eps
+  ww = optax.tree.norm(params, squared=True) / max(1, optax.tree.size(params))
+  cc = optax.tree.norm(grads, squared=True) / max(1, optax.tree.size(grads))
+  natural = (ww, cc, jnp.sqrt(ww * cc))
   stacks, scales = [], []
   for leaf in zip(*(jax.tree.leaves(t) for t in (weights, grad_norm, cross))):
     rms = jnp.stack([_rms(f) for f in leaf])
-    stacks.append(jnp.stack(leaf) / jnp.maximum(rms, eps).reshape((-1,) + (1,) * leaf[0].ndim))
-    scales.append(jnp.log(jnp.maximum(rms, eps)))
+    nat = jnp.stack(natural).astype(rms.dtype)
+    signal = rms > jnp.maximum(floor * nat, eps)
+    unit = jnp.where(signal, 1.0 / jnp.where(signal, rms, 1.0), 0.0)
+    stacks.append(jnp.stack(leaf) * unit.reshape((-1,) + (1,) * leaf[0].ndim))
+    # the scale a policy reads stops at 1e-4 of the natural one, whatever the dtype
+    scales.append(jnp.log(jnp.maximum(rms, jnp.maximum(SCALE_FLOOR * nat, eps))))
   return Features(tuple(stacks), tuple(scales), jnp.asarray(loss))

@@ -31,6 +31,7 @@ from flax import nnx
 
 from teleport_jax._src.integration import balanced as bal_lib
 from teleport_jax._src.learned import move as move_lib
+from teleport_jax._src.solver import state_transport
 from teleport_jax._src.symmetries import symmetry as sym_lib
 
 
@@ -74,6 +75,16 @@ class MetaConfig:
     divergence: a task whose loss exceeds this factor times its loss at the
       start of an unroll stops moving for the rest of it (so that no value
       overflows and the meta-loss counts the divergence) and is then drawn afresh.
+    norm_penalty: adds ``norm_penalty * log(|w_end|^2 / |w_start|^2)`` over each
+      unroll to the meta-loss (``0``: none). Moves along the orbit that the
+      loss does not see (a dead ReLU unit's scale, say) cost nothing inside an
+      unroll, so a policy meta-trained on short unrolls may push the
+      parameters' norm up without bound until plain SGD steps from there
+      diverge; this term makes it pay for the growth. The unroll's starting
+      norm is a constant (truncated back-propagation). It counts the total
+      norm only: it does not stop a policy from shrinking one layer while
+      growing another, which raises the relative size of Adam's per-coordinate
+      steps in the shrunken layer.
     seed: key of the task draws.
   """
 
@@ -88,6 +99,7 @@ class MetaConfig:
   lr: float = 1e-4
   teleport: bool = True
   divergence: float = 10.0
+  norm_penalty: float = 0.0
   seed: int = 0
 
   def __post_init__(self):
@@ -98,6 +110,8 @@ class MetaConfig:
       raise ValueError(
         f"MetaConfig.meta_lr_final must lie in (0, meta_lr], got {self.meta_lr_final}."
       )
+    if not self.norm_penalty >= 0:
+      raise ValueError(f"MetaConfig.norm_penalty must be >= 0, got {self.norm_penalty}.")
     if self.clip is not None and not self.clip > 0:
       raise ValueError(f"MetaConfig.clip must be positive or None, got {self.clip}.")
     if self.horizon % self.unroll:
@@ -143,12 +157,62 @@ def inner_step(policy, family: TaskFamily, base_lr: float | None, teleport: bool
   return step
 
 
+def optimizer_step(
+  policy, family: TaskFamily, optimizer: optax.GradientTransformation, teleport: bool = True
+):
+  """``step((params, (carry, opt_state)), data) -> (..., loss)``: one step of ``optimizer``.
+
+  What :func:`~teleport_jax.learned.learned_teleport` around ``optimizer`` does
+  at a step, written for meta-training: the policy's move (from this step's point
+  and gradient), the optimizer's state carried to the moved point
+  (:func:`~teleport_jax.transport_state`), the optimizer's update from there with
+  the transported gradient, scaled by the policy's step size if it proposes one.
+  Without ``teleport`` the move is skipped (the policy may still set the step
+  size). Pass :func:`optimizer_carry` as ``meta_train``'s ``init_carry``.
+
+  Args:
+    policy: the policy module.
+    family: the tasks.
+    optimizer: an optax optimizer (its state must not depend on anything but the
+      parameters: ``optimizer.init(params)``).
+    teleport: whether the policy moves the parameters.
+
+  Returns:
+    The step function, for ``meta_train(..., step=lambda m: optimizer_step(m, ...))``.
+  """
+  optimizer = optax.with_extra_args_support(optimizer)
+
+  def step(state, data):
+    params, (carry, opt_state) = state
+    loss, grads = jax.value_and_grad(family.loss)(params, data)
+    mv = move_lib.learned_move(policy, family.symmetry, params, grads, loss, carry, data)
+    at, g = params, grads
+    if teleport:
+      at, g = mv.params, mv.grads
+      opt_state = state_transport.transport_state(
+        opt_state, params, mv.params, mv.element, symmetry=family.symmetry, data=data
+      )
+    updates, opt_state = optimizer.update(g, opt_state, at)
+    if mv.proposal.lr is not None:
+      updates = optax.tree.scale(mv.proposal.lr, updates)
+    return (optax.apply_updates(at, updates), (mv.proposal.carry, opt_state)), loss
+
+  return step
+
+
+def optimizer_carry(policy, optimizer: optax.GradientTransformation):
+  """``init_carry`` of :func:`meta_train` for :func:`optimizer_step`: the policy's
+  carry and ``optimizer.init(params)``."""
+  return lambda params: (policy.initial_carry(), optimizer.init(params))
+
+
 def meta_train(
   policy: nnx.Module,
   family: TaskFamily,
   config: MetaConfig | None = None,
   *,
   step: Callable | None = None,
+  init_carry: Callable[[chex.ArrayTree], Any] | None = None,
   progress: bool = False,
   callback: Callable[[int, float], None] | None = None,
 ) -> MetaResult:
@@ -163,6 +227,9 @@ def meta_train(
       ((params, carry), loss)`` one optimizer step of a task (a learned
       optimizer, say); default :func:`inner_step` with ``config.lr`` and
       ``config.teleport``.
+    init_carry: ``init_carry(params) -> carry``, the state a task starts
+      with beside its parameters (an optimizer's state, say:
+      :func:`optimizer_carry`); default ``policy.initial_carry()``.
     progress: show a progress bar (tqdm) with the running meta-loss.
     callback: called as ``callback(meta_step, meta_loss)`` after every meta-step.
 
@@ -185,6 +252,7 @@ def meta_train(
 
   def one(w, params, carry, data):
     """One task's unroll: ``(mean log loss, (params, carry, diverged))``."""
+    start = params
     pol = nnx.merge(graphdef, w)
     one_step = inner_step(pol, family, config.lr, config.teleport) if step is None else step(pol)
     cap = config.divergence * jax.lax.stop_gradient(family.loss(params, data))
@@ -200,7 +268,12 @@ def meta_train(
     (params, carry), (losses, stopped) = jax.lax.scan(
       guarded, (params, carry), None, length=config.unroll
     )
-    return jnp.mean(jnp.log(losses)), (params, carry, jnp.any(stopped))
+    value = jnp.mean(jnp.log(losses))
+    if config.norm_penalty:
+      value = value + config.norm_penalty * (
+        jnp.log(_sq_norm(params)) - jnp.log(jax.lax.stop_gradient(_sq_norm(start)))
+      )
+    return value, (params, carry, jnp.any(stopped))
 
   def meta_gradient(w, tasks):
     params, carry, data = tasks
@@ -228,7 +301,7 @@ def meta_train(
 
   def draw(k):
     params, data = jax.vmap(family.sample)(jax.random.split(k, config.tasks))
-    carry = jax.vmap(lambda _: policy.initial_carry())(jnp.arange(config.tasks))
+    carry = jax.vmap(init_carry or (lambda _: policy.initial_carry()))(params)
     return params, carry, data
 
   t0 = time.perf_counter()
@@ -261,6 +334,10 @@ def meta_train(
   if bar is not None:
     bar.close()
   return MetaResult(nnx.merge(graphdef, weights), losses, time.perf_counter() - t0, compile_s)
+
+
+def _sq_norm(tree) -> chex.Array:
+  return sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(tree))
 
 
 def _expand(mask: chex.Array, like: chex.Array) -> chex.Array:
