@@ -219,11 +219,10 @@ def test_meta_trainings_optimizer_step_is_the_step_the_wrapper_takes(group):
   value_fn = lambda p, x, y: _loss(p, (x, y))  # noqa: E731
   state = L.optimizer_carry(policy, adam)(params)
   p, q, ostate = params, params, opt.init(params)
+  update = jax.jit(lambda g, s, w: opt.update(g, s, w, value_fn=value_fn, x=data[0], y=data[1]))
   for _ in range(4):
     (p, state), _ = step((p, state), data)
-    u, ostate = opt.update(
-      jax.grad(_loss)(q, data), ostate, q, value_fn=value_fn, x=data[0], y=data[1]
-    )
+    u, ostate = update(jax.grad(_loss)(q, data), ostate, q)
     q = optax.apply_updates(q, u)
   assert int(ostate.num_teleports) == 4
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
@@ -272,8 +271,8 @@ def test_the_wrapper_names_what_is_wrong():
 
 
 def test_the_policy_applies_to_a_discovered_symmetry_of_a_flax_model():
-  m = models.transformer(
-    vocab=11, d_model=16, heads=2, layers=1, context=6, batch=2, mlp="relu", norm="rmsnorm_gainfree"
+  m = models.cnn(
+    channels=(3, 4), dense=(5, 3), activation="relu", pool="max", image=(6, 6, 1), batch=2
   )
   sym = tj.find_symmetries(m.apply, m.params, m.inputs)
 
