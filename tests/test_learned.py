@@ -52,7 +52,7 @@ def _reference_grad_norm_gradient(sym, params, data, with_data):
     w = sym.act(params, sym.retract(xi), data if with_data else None)
     return 0.5 * sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(_loss)(w, data)))
 
-  return jax.tree.leaves(jax.grad(objective)(sym.algebra_zeros(params)))
+  return jax.tree.leaves(jax.jit(jax.grad(objective))(sym.algebra_zeros(params)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -164,7 +164,9 @@ def test_learned_teleports_keep_the_loss_and_are_counted(kind):
   grads = jax.grad(_loss)(params, data)
   sym = _symmetry("data_gl", params, data)
   policy = L.make_policy(L.PolicyConfig(kind=kind, hidden=8, max_rms=1e-2), sym, params)
-  mv = L.learned_move(policy, sym, params, grads, _loss(params, data), policy.initial_carry(), data)
+  mv = jax.jit(
+    lambda p, g: L.learned_move(policy, sym, p, g, _loss(p, data), policy.initial_carry(), data)
+  )(params, grads)
   np.testing.assert_allclose(_loss(mv.params, data), _loss(params, data), rtol=2e-5)
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(mv.params, params))
   assert moved > 1e-4
@@ -236,7 +238,9 @@ def test_a_new_equivariant_policy_moves_by_its_initial_fraction_of_the_largest_m
   sym = _symmetry("data_gl", params, data)
   policy = L.make_policy(L.PolicyConfig(hidden=8, max_rms=1e-2, move_init=move_init))
   grads = jax.grad(_loss)(params, data)
-  mv = L.learned_move(policy, sym, params, grads, _loss(params, data), (), data)
+  mv = jax.jit(lambda p, g: L.learned_move(policy, sym, p, g, _loss(p, data), (), data))(
+    params, grads
+  )
   for xi in mv.proposal.xi:
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(xi**2)), move_init * 1e-2, rtol=1e-6)
 
