@@ -125,10 +125,10 @@ def minibatch_step(wl: wl_lib.Workload, inner: Callable):
   return make
 
 
-def tuned_adamw(wl: wl_lib.Workload) -> tuple[dict, optax.GradientTransformation]:
+def tuned_adamw(wl: wl_lib.Workload) -> optax.GradientTransformation:
   """The workload's tuned AdamW (its stored values and schedule)."""
   hp = wl_lib.load_tuned()["full"][wl.name]["adamw"]["hp"]
-  return hp, wl_lib.METHODS["adamw"].build(hp, wl_lib.lr_schedule(hp, wl), wl)
+  return wl_lib.METHODS["adamw"].build(hp, wl_lib.lr_schedule(hp, wl), wl)
 
 
 def lr_init(wl_name: str) -> float:
@@ -168,7 +168,7 @@ def meta_train(
   )
   fam = family(wl, setting["pool"])
   if on_adamw:
-    _, adamw = tuned_adamw(wl)
+    adamw = tuned_adamw(wl)
     step = minibatch_step(wl, lambda pol, f: L.optimizer_step(pol, f, adamw))
     carry = L.optimizer_carry(module.policy, adamw)
     res = L.meta_train(

@@ -266,6 +266,8 @@ def test_the_wrapper_names_what_is_wrong():
     L.PolicyConfig(move_init=1.0)
   with pytest.raises(ValueError, match="clip"):
     L.MetaConfig(clip=0.0)
+  with pytest.raises(ValueError, match="base_lr"):
+    L.inner_step(policy, L.TaskFamily(None, _loss, sym), base_lr=None)
   with pytest.raises(ValueError, match="meta_lr_final"):
     L.MetaConfig(meta_lr=1e-3, meta_lr_final=1e-2)
   opt = L.learned_teleport(optax.sgd(0.1), sym, policy)

@@ -62,11 +62,15 @@ class Features(NamedTuple):
   loss: chex.Array
 
 
+def safe_sqrt(x: chex.Array) -> chex.Array:
+  """``sqrt`` with a finite derivative at zero, where a vanished feature sits (sqrt's is
+  infinite there, and would make a meta-gradient through it non-finite)."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
 def _rms(x: chex.Array) -> chex.Array:
-  # finite derivative at zero (a feature that vanishes): sqrt's is infinite there
-  ms = jnp.mean(jnp.square(x))
-  positive = ms > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, ms, 1.0)), 0.0)
+  return safe_sqrt(jnp.mean(jnp.square(x)))
 
 
 def algebra_features(

@@ -142,17 +142,20 @@ def inner_step(policy, family: TaskFamily, base_lr: float | None, teleport: bool
   With ``teleport`` the policy's move comes first (from the point and gradient
   of this step), then the step from the moved point with the transported
   gradient, at the policy's step size if it proposes one, else at ``base_lr``
-  (which may be ``None`` only for a policy that proposes one).
+  (which may be ``None`` only for a policy that proposes one). This is
+  :func:`optimizer_step` around ``optax.sgd``, whose state is empty.
   """
+  config = getattr(policy, "config", None)
+  proposes = getattr(config, "lr_range", None) is not None
+  if base_lr is None and not proposes:
+    raise ValueError("base_lr is required for a policy that proposes no step size (lr_range).")
+  sgd = optax.sgd(1.0 if proposes else base_lr)
+  one = optimizer_step(policy, family, sgd, teleport)
 
   def step(state, data):
     params, carry = state
-    loss, grads = jax.value_and_grad(family.loss)(params, data)
-    mv = move_lib.learned_move(policy, family.symmetry, params, grads, loss, carry, data)
-    lr = base_lr if mv.proposal.lr is None else mv.proposal.lr
-    at, g = (mv.params, mv.grads) if teleport else (params, grads)
-    new = jax.tree.map(lambda w, c: w - lr * c, at, g)
-    return (new, mv.proposal.carry), loss
+    (new, (carry, _)), loss = one((params, (carry, sgd.init(params))), data)
+    return (new, carry), loss
 
   return step
 
@@ -271,7 +274,8 @@ def meta_train(
     value = jnp.mean(jnp.log(losses))
     if config.norm_penalty:
       value = value + config.norm_penalty * (
-        jnp.log(_sq_norm(params)) - jnp.log(jax.lax.stop_gradient(_sq_norm(start)))
+        jnp.log(optax.tree.norm(params, squared=True))
+        - jnp.log(jax.lax.stop_gradient(optax.tree.norm(start, squared=True)))
       )
     return value, (params, carry, jnp.any(stopped))
 
@@ -334,10 +338,6 @@ def meta_train(
   if bar is not None:
     bar.close()
   return MetaResult(nnx.merge(graphdef, weights), losses, time.perf_counter() - t0, compile_s)
-
-
-def _sq_norm(tree) -> chex.Array:
-  return sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(tree))
 
 
 def _expand(mask: chex.Array, like: chex.Array) -> chex.Array:

@@ -144,12 +144,6 @@ def _with_rms(direction: chex.Array, rms: chex.Array) -> chex.Array:
   return direction * (rms / norm)
 
 
-def _sqrt(x: chex.Array) -> chex.Array:
-  """``sqrt`` with a finite derivative at zero (a feature that vanishes reads as zeros)."""
-  positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
 def _matrix_context(f: chex.Array, scales: chex.Array) -> chex.Array:
   """``(5K,)`` permutation-invariant statistics of a matrix leaf's features ``(K, ..., d, d)``."""
   axes = tuple(range(1, f.ndim))
@@ -160,8 +154,8 @@ def _matrix_context(f: chex.Array, scales: chex.Array) -> chex.Array:
       scales,
       jnp.mean(f, axis=axes),
       jnp.mean(diag, axis=tuple(range(1, diag.ndim))),
-      _sqrt(jnp.mean(jnp.square(diag), axis=tuple(range(1, diag.ndim)))),
-      _sqrt(0.5 * jnp.mean(jnp.square(skew), axis=axes)),
+      feat_lib.safe_sqrt(jnp.mean(jnp.square(diag), axis=tuple(range(1, diag.ndim)))),
+      feat_lib.safe_sqrt(0.5 * jnp.mean(jnp.square(skew), axis=axes)),
     ]
   )
 
